@@ -1,0 +1,28 @@
+# `make demo` and `make test` set themselves up: a virtualenv in .venv with pixelmill installed (editable).
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --progress-bar off -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m pipeline.demo $(ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/crawl.py $(ARGS)
+
+clean:
+	rm -rf data outputs multirun bench/out

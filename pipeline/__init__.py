@@ -1,0 +1,1 @@
+"""pixelmill's data pipeline: crawl → annotate → filter → shard, as Ray stages."""

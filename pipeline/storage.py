@@ -1,0 +1,123 @@
+"""Where stages read and write: local paths or fsspec URLs, written atomically, with a manifest written last.
+
+The contract every stage keeps (DESIGN.md): nothing half-written is visible under its final name, and a
+`manifest.json` with counts, the resolved config, the code version and a content hash marks a finished output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+import uuid
+from contextlib import contextmanager
+from importlib import metadata
+
+import fsspec
+
+MANIFEST = "manifest.json"
+
+
+class Location:
+    """A folder on any fsspec filesystem."""
+
+    def __init__(self, url: str):
+        self.url = str(url).rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def exists(self, name: str = "") -> bool:
+        return self.fs.exists(self.path(name) if name else self.root)
+
+    def makedirs(self, name: str = "") -> None:
+        self.fs.makedirs(self.path(name) if name else self.root, exist_ok=True)
+
+    def listdir(self, name: str = "") -> list[str]:
+        folder = self.path(name) if name else self.root
+        if not self.fs.exists(folder):
+            return []
+        return sorted(os.path.basename(p.rstrip("/")) for p in self.fs.ls(folder, detail=False))
+
+    def remove(self, name: str) -> None:
+        if self.fs.exists(self.path(name)):
+            self.fs.rm(self.path(name), recursive=True)
+
+    @contextmanager
+    def open_atomic(self, name: str, mode: str = "wb"):
+        """Write under a temporary name, then rename: readers see the old file or the whole new one."""
+        tmp = f"{name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with self.fs.open(self.path(tmp), mode) as f:
+                yield f
+            self.fs.mv(self.path(tmp), self.path(name))
+        finally:
+            if self.fs.exists(self.path(tmp)):
+                self.fs.rm(self.path(tmp))
+
+    def read_json(self, name: str):
+        with self.fs.open(self.path(name), "r") as f:
+            return json.load(f)
+
+    def write_json(self, name: str, obj) -> None:
+        with self.open_atomic(name, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+
+    def sha256(self, name: str) -> str:
+        digest = hashlib.sha256()
+        with self.fs.open(self.path(name), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def remove_temporaries(self) -> int:
+        """Leftovers of a writer that was killed: they were never visible under a final name."""
+        stale = [n for n in self.listdir() if ".tmp-" in n]
+        for name in stale:
+            self.remove(name)
+        return len(stale)
+
+
+def code_version() -> str:
+    """The package version, and the git commit when running from a checkout."""
+    version = metadata.version("pixelmill")
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        commit = subprocess.run(
+            ["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version}+{commit}" if commit else version
+
+
+def config_fingerprint(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def content_hash(location: Location, names: list[str]) -> str:
+    """One hash over the named files' hashes, in name order: equal hashes, equal outputs."""
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        digest.update(f"{name}:{location.sha256(name)}\n".encode())
+    return digest.hexdigest()
+
+
+def write_manifest(location: Location, stage: str, config: dict, counts: dict, outputs: list[str], started: float, **extra) -> dict:
+    manifest = {
+        "stage": stage,
+        "config": config,
+        "config_fingerprint": config_fingerprint(config),
+        "code_version": code_version(),
+        "counts": counts,
+        "outputs": sorted(outputs),
+        "content_hash": content_hash(location, outputs),
+        "duration_s": round(time.time() - started, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+    }
+    location.write_json(MANIFEST, manifest)
+    return manifest

@@ -1,0 +1,83 @@
+"""Shared fixtures: the real world server on 127.0.0.1, a real local Ray, the real Hydra configs."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from pipeline.world import World, WorldServer
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHARED = ROOT.parent / "shared"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _loopback_only(event: str, args) -> None:
+    """Tests talk to 127.0.0.1 only: a TCP connect anywhere else fails before a packet leaves."""
+    if event != "socket.connect":
+        return
+    sock, address = args
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+        return  # a UDP connect() sends nothing; Unix sockets stay on the machine
+    host = address[0]
+    try:
+        loopback = ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise PermissionError(f"test tried to connect to {address}: only loopback is allowed")
+
+
+sys.addaudithook(_loopback_only)
+
+
+def world_config(**overrides):
+    cfg = OmegaConf.load(CONF / "world" / "default.yaml")
+    cfg.n = 120
+    cfg.slow_seconds = 2.5
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def crawl_config(*overrides: str):
+    """The real conf/crawl.yaml, with the settings every test crawl of the world needs."""
+    base = ["allow_networks=[127.0.0.1/32]", "timeout=1", "retries=1", "retry_backoff=0.05",
+            "number_sample_per_shard=40", "image_size=64", "max_bytes=1048576", "progress=false"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("crawl", overrides=[*base, *overrides])
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def world():
+    return World(world_config())
+
+
+@pytest.fixture(scope="session")
+def world_server(world):
+    with WorldServer(world) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def world_lists(world, world_server, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("world")
+    urls, truth = world.write(folder, world_server.base_url)
+    return urls, truth
