@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
+export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: install test demo bench clean
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import os
+
+import pyarrow.parquet as pq
 
 import hydra
 from hydra import compose
@@ -21,8 +24,18 @@ def demo(cfg: DictConfig) -> dict:
         manifest = run_stage(crawl, crawl_cfg)
     finally:
         server.stop()
+    print(ground_truth_check(world_dir, raw_dir))
     print(f"\nraw shards in {raw_dir}; the world's ground truth in {world_dir}/ground_truth.parquet")
     return manifest
+
+
+def ground_truth_check(world_dir: str, raw_dir: str) -> str:
+    """How many rows ended with the status and reason the world's ground truth expects."""
+    truth = pq.read_table(os.path.join(world_dir, "ground_truth.parquet")).to_pylist()
+    rows = [r for path in sorted(glob.glob(os.path.join(raw_dir, "0*.parquet")))
+            for r in pq.read_table(path, columns=["url", "status", "reason"]).to_pylist()]
+    agree = sum((r["status"], r["reason"]) == (t["expected_status"], t["expected_reason"]) for t, r in zip(truth, rows))
+    return f"ground truth: {agree} of {len(truth)} rows ended with the status and reason the world expects"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="demo")

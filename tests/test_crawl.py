@@ -22,7 +22,7 @@ from tests.conftest import ROOT, crawl_config
 
 # What img2dataset writes into every sample's json (and parquet), for the columns url and caption.
 IMG2DATASET_FIELDS = {"url", "caption", "key", "status", "error_message", "width", "height",
-                      "original_width", "original_height", "sha256"}
+                      "original_width", "original_height", "exif", "sha256"}
 
 
 def read_rows(folder) -> list[dict]:

@@ -176,6 +176,7 @@ def test_exif_orientation_is_applied():
     image.save(buffer, "JPEG", exif=exif)
     out = ImageProcessor(ImageSettings(image_size=64, resize_mode="no"))(buffer.getvalue())
     assert (out.width, out.height) == (20, 40)
+    assert json.loads(out.exif) == {"Image Orientation": "6"}  # img2dataset's exif field, from the original
 
 
 def test_refusals_before_decoding():

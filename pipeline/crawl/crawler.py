@@ -102,7 +102,7 @@ class ShardCrawler:
             nonlocal downloaded
             record = {k: v for k, v in row.items() if k != "duplicate_of"}
             record.update(status=None, reason=None, error_message=None, width=None, height=None,
-                          original_width=None, original_height=None, sha256=None)
+                          original_width=None, original_height=None, exif=None, sha256=None)
             if row.get("duplicate_of"):
                 return {**record, "status": "duplicate", "reason": "duplicate_url",
                         "error_message": f"duplicate of key {row['duplicate_of']}"}
@@ -120,7 +120,8 @@ class ShardCrawler:
                 return {**record, "status": STATUS_OF_IMAGE_FAILURE, "reason": processed.reason,
                         "error_message": processed.message}
             record.update(status="success", width=processed.width, height=processed.height,
-                          original_width=processed.original_width, original_height=processed.original_height)
+                          original_width=processed.original_width, original_height=processed.original_height,
+                          exif=processed.exif)
             writer.add(record, processed.data)
             return record
 

@@ -8,11 +8,12 @@ the speed over a full decode-then-resize comes from; the final resize is still a
 from __future__ import annotations
 
 import io
+import json
 import math
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -34,6 +35,7 @@ class Processed:
     original_height: int | None = None
     reason: str | None = None
     message: str | None = None
+    exif: str | None = None
 
 
 @dataclass
@@ -90,7 +92,9 @@ class ImageProcessor:
             if scale < 1 and source_format == "JPEG":
                 image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
             try:
-                rotated = image.getexif().get(0x0112, 1) not in (0, 1)  # EXIF orientation other than upright
+                exif = image.getexif()
+                rotated = exif.get(0x0112, 1) not in (0, 1)  # EXIF orientation other than upright
+                exif_json = exif_to_json(exif)
                 image.load()
                 ImageOps.exif_transpose(image, in_place=True)
                 rgb = _to_rgb(image)
@@ -99,11 +103,11 @@ class ImageProcessor:
         resized = self._resize(rgb, scale)
         # Re-encoding an untouched image in its own format only loses quality: keep the bytes (as img2dataset).
         if resized is image and scale == 1.0 and FORMATS[s.encode_format] == source_format and not rotated:
-            return Processed(data, width, height, width, height)
+            return Processed(data, width, height, width, height, exif=exif_json)
         buffer = io.BytesIO()
         options = {"quality": s.encode_quality} if s.encode_format in ("jpg", "webp") else {}
         resized.save(buffer, format=FORMATS[s.encode_format], **options)
-        return Processed(buffer.getvalue(), resized.width, resized.height, width, height)
+        return Processed(buffer.getvalue(), resized.width, resized.height, width, height, exif=exif_json)
 
     def _scale(self, width: int, height: int) -> float:
         """Factor from original to resized size (1 when the mode keeps the size)."""
@@ -138,6 +142,20 @@ class ImageProcessor:
             canvas.paste(image, ((side - size[0]) // 2, (side - size[1]) // 2))
             image = canvas
         return image
+
+
+def exif_to_json(exif: Image.Exif) -> str:
+    """EXIF tags as a JSON object, named as img2dataset's `exif` field names them ("Image Make", "EXIF ...")."""
+    tags = {f"Image {ExifTags.TAGS.get(k, k)}": v for k, v in exif.items() if k not in (0x8769, 0x8825)}
+    tags.update({f"EXIF {ExifTags.TAGS.get(k, k)}": v for k, v in exif.get_ifd(0x8769).items()})
+    tags.update({f"GPS {ExifTags.GPSTAGS.get(k, k)}": v for k, v in exif.get_ifd(0x8825).items()})
+    return json.dumps({k: _printable(v) for k, v in tags.items() if not isinstance(v, bytes) or len(v) < 256})
+
+
+def _printable(value) -> str:
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    return str(value)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

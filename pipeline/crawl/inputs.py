@@ -19,7 +19,7 @@ from pipeline.errors import StageError
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "txt")
 EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-RESERVED = {"key", "status", "reason", "error_message", "width", "height", "original_width", "original_height", "sha256", "duplicate_of"}
+RESERVED = {"key", "status", "reason", "error_message", "width", "height", "original_width", "original_height", "exif", "sha256", "duplicate_of"}
 
 
 class InputError(StageError):

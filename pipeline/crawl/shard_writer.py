@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
 from pipeline.storage import Location
 
@@ -30,6 +30,7 @@ BASE_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("original_width", pa.int32()),
         ("original_height", pa.int32()),
+        ("exif", pa.string()),
         ("sha256", pa.string()),
     ]
 )
@@ -75,12 +76,12 @@ class ShardWriter:
         self.tar_name, self.parquet_name, self.stats_name = shard_files(shard_id)
         self._tar_cm = location.open_atomic(self.tar_name)
         self._tar_file = self._tar_cm.__enter__()
-        # mtime fixed: the same samples give the same tar bytes.
-        self._tar = wds.TarWriter(self._tar_file, encoder=False, mtime=0)
+        # Plain tarfile, not webdataset.TarWriter: that import pulls in torch, a second and ~300 MB per worker.
+        self._tar = tarfile.open(fileobj=self._tar_file, mode="w|", format=tarfile.USTAR_FORMAT)
 
     def add(self, record: dict, image: bytes) -> None:
         meta = {k: json_safe(v) for k, v in record.items()}
-        self._tar.write(
+        self.add_raw(
             {
                 "__key__": record["key"],
                 self.extension: image,
@@ -90,8 +91,15 @@ class ShardWriter:
         )
 
     def add_raw(self, sample: dict) -> None:
-        """A sample already in tar form: `{"__key__": key, ext: bytes, ...}`."""
-        self._tar.write(sample)
+        """A sample in tar form: `{"__key__": key, ext: bytes, ...}`, one member per extension, as webdataset
+        and img2dataset lay them out. Fixed mtime and owner: the same samples give the same bytes."""
+        key = sample["__key__"]
+        for ext, data in sample.items():
+            if ext == "__key__":
+                continue
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            self._tar.addfile(info, io.BytesIO(data))
 
     def commit(self, records: list[dict], stats: dict) -> None:
         """Tar, then parquet, then stats: a shard with a stats file is complete."""

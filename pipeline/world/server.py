@@ -54,6 +54,8 @@ class WorldServer:
         if not 0 <= row < self.world.n:
             raise web.HTTPNotFound()
         cfg = self.world.cfg
+        if cfg.get("latency"):
+            await asyncio.sleep(float(cfg["latency"]))
         if kind == "http_404":
             raise web.HTTPNotFound()
         if kind == "http_500":

@@ -1,0 +1,96 @@
+"""Killed crawls resume to the same result; `retry_failed=true` fetches again only transient failures."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from pipeline.crawl.run import crawl
+from pipeline.world import World, WorldServer
+from tests.conftest import ROOT, crawl_config, world_config
+from tests.test_crawl import read_rows
+
+
+def _kill_session(process: subprocess.Popen) -> None:
+    """kill -9 the crawl and everything it started (its local Ray included)."""
+    os.killpg(process.pid, signal.SIGKILL)
+    subprocess.run(["pkill", "-KILL", "-s", str(process.pid)], check=False)
+    process.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_kill_9_then_the_same_command_resumes(tmp_path):
+    world = World(world_config(latency=0.05))
+    with WorldServer(world) as server:
+        urls, truth_path = world.write(tmp_path, server.base_url)
+        out = tmp_path / "raw"
+        command = [sys.executable, "-m", "pipeline.crawl", f"input={urls}", f"output={out}",
+                   "allow_networks=[127.0.0.1/32]", "timeout=1", "retries=1", "retry_backoff=0.05",
+                   "number_sample_per_shard=10", "image_size=64", "max_bytes=1048576", "processes=1", "concurrency=4"]
+        first = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while len(glob.glob(f"{out}/*_stats.json")) < 2:
+            assert first.poll() is None and time.time() < deadline, "crawl ended before it could be killed"
+            time.sleep(0.02)
+        _kill_session(first)
+        done_before = sorted(glob.glob(f"{out}/*_stats.json"))
+        assert 2 <= len(done_before) < 12 and not os.path.exists(out / "manifest.json")
+        requests_before = dict(server.requests)
+
+        second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 0, second.stderr[-2000:]
+        assert f"{len(done_before)} of 12 shards already done" in second.stderr
+
+    truth = pq.read_table(truth_path).to_pylist()
+    rows = read_rows(out)
+    assert [(r["key"], r["url"]) for r in rows] == [(f"{t['row'] // 10:05d}{t['row'] % 10}", t["url"]) for t in truth]
+    assert [(r["status"], r["reason"]) for r in rows] == [(t["expected_status"], t["expected_reason"]) for t in truth]
+    assert not glob.glob(f"{out}/*.tmp-*") and os.path.exists(out / "manifest.json")
+    # Shards finished before the kill were not fetched again.
+    finished = {int(os.path.basename(p)[:5]) for p in done_before}
+    for t in truth:
+        path = "/" + t["url"].split("/", 3)[3]
+        if t["row"] // 10 in finished and t["fault"] == "none":
+            assert server.requests[path] == requests_before[path] == 1
+
+
+def test_retry_failed_fetches_only_transient_failures_again(ray_local, tmp_path):
+    world = World(world_config(n=80, faults={"flaky": 0.05, "http_404": 0.05, "http_500": 0.03, "reset": 0.02}))
+    with WorldServer(world) as server:
+        urls, truth_path = world.write(tmp_path, server.base_url)
+        out = tmp_path / "raw"
+        options = [f"input={urls}", f"output={out}", "retries=0", "number_sample_per_shard=20"]
+        first = crawl(crawl_config(*options))
+        assert first["counts"]["reasons"]["failed_to_download"]["http_503"] == 4  # flaky, on its first request
+        stats_before = {p: os.stat(p).st_mtime_ns for p in glob.glob(f"{out}/*_stats.json")}
+        requests_before = dict(server.requests)
+
+        second = crawl(crawl_config(*options, "retry_failed=true"))
+        truth = pq.read_table(truth_path).to_pylist()
+        rows = read_rows(out)
+        for t, r in zip(truth, rows):
+            path = "/" + t["url"].split("/", 3)[3]
+            if t["fault"] == "flaky":
+                assert r["status"] == "success"  # the second request got the image
+            elif t["fault"] in ("http_500", "reset"):
+                assert r["status"] == "failed_to_download" and server.requests[path] > requests_before[path]
+            else:  # permanent failures and successes were left alone
+                assert server.requests[path] == requests_before[path]
+                assert (r["status"], r["reason"]) == (t["expected_status"], t["expected_reason"])
+        assert second["counts"]["success"] == first["counts"]["success"] + 4
+        assert second["last_run"]["rows_retried"] == sum(t["fault"] in ("flaky", "http_500", "reset") for t in truth)
+        # The tar of a rewritten shard holds its old samples and the new ones.
+        keys = {k for (k,) in wds.WebDataset(sorted(glob.glob(f"{out}/*.tar")), shardshuffle=False).to_tuple("__key__")}
+        assert keys == {r["key"] for r in rows if r["status"] == "success"}
+        # Shards without a transient failure were not rewritten.
+        untouched = [p for p in stats_before
+                     if not any(t["fault"] in ("flaky", "http_500", "reset") and t["row"] // 20 == int(os.path.basename(p)[:5]) for t in truth)]
+        assert untouched and all(os.stat(p).st_mtime_ns == stats_before[p] for p in untouched)
