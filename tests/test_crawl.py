@@ -95,6 +95,11 @@ def test_duplicates_and_opt_outs(crawled, world_server):
             assert r["error_message"].startswith("X-Robots-Tag: no")
 
 
+def test_the_crawler_says_who_it_is(crawled, world_server):
+    agents = [ua for ua in world_server.user_agents if ua.startswith("pixelmill/")]
+    assert agents and "X-Robots-Tag" in agents[0]
+
+
 def test_a_finished_crawl_is_not_redone(crawled, world_lists, capsys):
     output, manifest, truth = crawled
     again = crawl(crawl_config(f"input={world_lists[0]}", f"output={output}"))

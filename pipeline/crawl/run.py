@@ -124,6 +124,8 @@ def crawl(cfg: DictConfig | dict) -> dict:
     """Run the crawl stage; returns its manifest."""
     started = time.time()
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    if "://" not in str(cfg["output"]):  # Ray workers may run in another directory than this driver
+        cfg["output"] = os.path.abspath(os.path.expanduser(str(cfg["output"])))
     if int(cfg["number_sample_per_shard"]) < 1:
         raise StageError(f"number_sample_per_shard={cfg['number_sample_per_shard']}; expected a positive integer")
     table, local_root, input_fingerprint = read_input(

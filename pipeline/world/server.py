@@ -24,6 +24,7 @@ class WorldServer:
         self.world = world
         self.host, self.port = host, port
         self.requests: collections.Counter[str] = collections.Counter()
+        self.user_agents: collections.Counter[str] = collections.Counter()
         self._bodies: dict[int, bytes] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -46,6 +47,7 @@ class WorldServer:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests[request.path] += 1
+        self.user_agents[request.headers.get("User-Agent", "")] += 1
         kind = request.match_info["kind"]
         try:
             row = int(request.match_info["row"])
