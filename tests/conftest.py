@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import glob
 import ipaddress
 import os
 import socket
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -55,6 +58,11 @@ def crawl_config(*overrides: str):
             "number_sample_per_shard=40", "image_size=64", "max_bytes=1048576", "progress=false"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("crawl", overrides=[*base, *overrides])
+
+
+def read_rows(folder) -> list[dict]:
+    """Every row of a crawl's per-shard parquet files, in key order."""
+    return pa.concat_tables([pq.read_table(p) for p in sorted(glob.glob(f"{folder}/0*.parquet"))]).to_pylist()
 
 
 @pytest.fixture(scope="session")

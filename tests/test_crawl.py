@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
@@ -18,15 +17,11 @@ from PIL import Image
 
 from pipeline.crawl.run import crawl
 from pipeline.errors import StageError
-from tests.conftest import ROOT, crawl_config
+from tests.conftest import ROOT, crawl_config, read_rows
 
 # What img2dataset writes into every sample's json (and parquet), for the columns url and caption.
 IMG2DATASET_FIELDS = {"url", "caption", "key", "status", "error_message", "width", "height",
                       "original_width", "original_height", "exif", "sha256"}
-
-
-def read_rows(folder) -> list[dict]:
-    return pa.concat_tables([pq.read_table(p) for p in sorted(glob.glob(f"{folder}/0*.parquet"))]).to_pylist()
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ class ShardCrawler:
         extras = [f for f in table.schema if f.name not in BASE_SCHEMA.names]
         writer = ShardWriter(self.output, shard_id, output_schema(extras), self.extension)
         try:
-            writer_copy_tar(self.output, tar_name, writer)
+            copy_tar_samples(self.output, tar_name, writer)
             fresh, downloaded = asyncio.run(self._crawl_rows([{**r, "duplicate_of": None} for r in again], writer))
         except BaseException:
             writer.abort()
@@ -133,7 +133,7 @@ class ShardCrawler:
         return hashlib.sha256(data).hexdigest(), self.processor(data)
 
 
-def writer_copy_tar(location: Location, tar_name: str, writer: ShardWriter) -> None:
+def copy_tar_samples(location: Location, tar_name: str, writer: ShardWriter) -> None:
     """Copy every sample of an existing shard tar into `writer`, unchanged."""
     with location.fs.open(location.path(tar_name), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
         sample: dict = {}
