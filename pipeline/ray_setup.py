@@ -17,12 +17,16 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 
 def quiet_ray_data() -> None:
-    """Stages show their own bar in units users count (URLs, samples); Ray Data's per-operator bars add noise."""
+    """Stages show their own bar in units users count (URLs, samples) and their own summary; Ray Data's
+    per-operator bars and INFO lines add noise. Its warnings and errors still show."""
+    import logging
+
     from ray.data import DataContext
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = DataContext.get_current()
-    context.enable_progress_bars = False
     context.print_on_execution_start = False
+    context.enable_progress_bars = False
 
 
 def actor_count(requested: int | None, items: int) -> int:
