@@ -98,23 +98,25 @@ def config_fingerprint(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def content_hash(location: Location, names: list[str]) -> str:
-    """One hash over the named files' hashes, in name order: equal hashes, equal outputs."""
+def content_hash(file_hashes: dict[str, str]) -> str:
+    """One hash over the output files' sha256, in name order: equal hashes, equal outputs."""
     digest = hashlib.sha256()
-    for name in sorted(names):
-        digest.update(f"{name}:{location.sha256(name)}\n".encode())
+    for name in sorted(file_hashes):
+        digest.update(f"{name}:{file_hashes[name]}\n".encode())
     return digest.hexdigest()
 
 
-def write_manifest(location: Location, stage: str, config: dict, counts: dict, outputs: list[str], started: float, **extra) -> dict:
+def write_manifest(location: Location, stage: str, config: dict, counts: dict, file_hashes: dict[str, str],
+                   started: float, **extra) -> dict:
+    """`file_hashes`: output file name → sha256, best taken while writing (`Location.sha256` reads a file)."""
     manifest = {
         "stage": stage,
         "config": config,
         "config_fingerprint": config_fingerprint(config),
         "code_version": code_version(),
         "counts": counts,
-        "outputs": sorted(outputs),
-        "content_hash": content_hash(location, outputs),
+        "outputs": sorted(file_hashes),
+        "content_hash": content_hash(file_hashes),
         "duration_s": round(time.time() - started, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,

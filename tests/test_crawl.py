@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import glob
+import hashlib
 import io
 import json
 import os
@@ -144,3 +145,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: input {tmp_path}/missing.parquet does not exist"
+
+
+def test_manifest_hashes_are_those_of_the_files(crawled):
+    output, manifest, truth = crawled
+    assert manifest["outputs"] == sorted(os.path.basename(p) for p in glob.glob(f"{output}/0*.tar") + glob.glob(f"{output}/0*.parquet"))
+    stats = json.load(open(f"{output}/00000_stats.json"))
+    for name, digest in stats["sha256"].items():
+        assert hashlib.sha256(open(f"{output}/{name}", "rb").read()).hexdigest() == digest

@@ -103,9 +103,11 @@ def _reasons(stats: dict) -> set[str]:
 
 
 def totals(out: Location, shards: int) -> dict:
-    counts = {"rows": 0, **{s: 0 for s in STATUSES}, "bytes_downloaded": 0, "reasons": {}}
+    """Counts over every shard's stats, and each output file's sha256 (under "sha256", taken out below)."""
+    counts = {"rows": 0, **{s: 0 for s in STATUSES}, "bytes_downloaded": 0, "reasons": {}, "sha256": {}}
     for shard_id in range(shards):
         stats = out.read_json(shard_files(shard_id)[2])
+        counts["sha256"].update(stats["sha256"])
         counts["rows"] += stats["count"]
         counts["success"] += stats["successes"]
         counts["failed_to_download"] += stats["failed_to_download"]
@@ -166,14 +168,14 @@ def crawl(cfg: DictConfig | dict) -> dict:
     lost = record["rows"] - counts["rows"]
     if lost or sum(counts[s] for s in STATUSES) != counts["rows"]:
         raise RuntimeError(f"crawl of {out.url} accounts for {counts['rows']} of {record['rows']} input rows")
-    outputs = [name for i in range(shards) for name in shard_files(i)[:2]]
+    file_hashes = counts.pop("sha256")
     run = {
         "shards_crawled": sum(1 for r in fresh if "retried" not in r),
         "rows_retried": retried,
         "successes_this_run": sum(r["successes"] for r in fresh if "retried" not in r),
         "crawl_seconds": round(crawl_seconds, 3),
     }
-    manifest = write_manifest(out, "crawl", cfg, counts, outputs, started, identity=identity,
+    manifest = write_manifest(out, "crawl", cfg, counts, file_hashes, started, identity=identity,
                               input_fingerprint=input_fingerprint, last_run=run)
     print(summary(counts, run))
     return manifest

@@ -7,6 +7,7 @@ All three are written under temporary names and renamed, the stats file last.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -75,7 +76,7 @@ class ShardWriter:
         self.extension = extension
         self.tar_name, self.parquet_name, self.stats_name = shard_files(shard_id)
         self._tar_cm = location.open_atomic(self.tar_name)
-        self._tar_file = self._tar_cm.__enter__()
+        self._tar_file = HashingWriter(self._tar_cm.__enter__())
         # Plain tarfile, not webdataset.TarWriter: that import pulls in torch, a second and ~300 MB per worker.
         self._tar = tarfile.open(fileobj=self._tar_file, mode="w|", format=tarfile.USTAR_FORMAT)
 
@@ -102,7 +103,8 @@ class ShardWriter:
             self._tar.addfile(info, io.BytesIO(data))
 
     def commit(self, records: list[dict], stats: dict) -> None:
-        """Tar, then parquet, then stats: a shard with a stats file is complete."""
+        """Tar, then parquet, then stats: a shard with a stats file is complete. The stats carry both files'
+        sha256, taken as they were written, so the manifest's content hash never reads a shard again."""
         self._tar.close()
         self._tar_cm.__exit__(None, None, None)
         records = sorted(records, key=lambda r: r["key"])
@@ -111,6 +113,7 @@ class ShardWriter:
         pq.write_table(table, buffer)
         with self.location.open_atomic(self.parquet_name) as f:
             f.write(buffer.getvalue())
+        stats["sha256"] = {self.tar_name: self._tar_file.hexdigest(), self.parquet_name: hashlib.sha256(buffer.getvalue()).hexdigest()}
         self.location.write_json(self.stats_name, stats)
 
     def abort(self) -> None:
@@ -118,6 +121,21 @@ class ShardWriter:
             self._tar.close()
         finally:
             self._tar_cm.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+
+class HashingWriter:
+    """A write-only file that hashes what passes through it."""
+
+    def __init__(self, file):
+        self.file = file
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
 
 
 def shard_stats(records: list[dict], started: float, downloaded_bytes: int) -> dict:
