@@ -66,13 +66,6 @@ class Location:
         with self.open_atomic(name, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True, default=str)
 
-    def sha256(self, name: str) -> str:
-        digest = hashlib.sha256()
-        with self.fs.open(self.path(name), "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
-
     def remove_temporaries(self) -> int:
         """Leftovers of a writer that was killed: they were never visible under a final name."""
         stale = [n for n in self.listdir() if ".tmp-" in n]
@@ -108,7 +101,7 @@ def content_hash(file_hashes: dict[str, str]) -> str:
 
 def write_manifest(location: Location, stage: str, config: dict, counts: dict, file_hashes: dict[str, str],
                    started: float, **extra) -> dict:
-    """`file_hashes`: output file name → sha256, best taken while writing (`Location.sha256` reads a file)."""
+    """`file_hashes`: output file name → sha256, taken while writing so that nothing is read twice."""
     manifest = {
         "stage": stage,
         "config": config,
