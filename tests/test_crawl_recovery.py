@@ -85,6 +85,7 @@ def test_retry_failed_fetches_only_transient_failures_again(ray_local, tmp_path)
                 assert server.requests[path] == requests_before[path]
                 assert (r["status"], r["reason"]) == (t["expected_status"], t["expected_reason"])
         assert second["counts"]["success"] == first["counts"]["success"] + 4
+        assert second["counts"]["bytes_downloaded"] > first["counts"]["bytes_downloaded"]  # old bytes kept, new added
         assert second["last_run"]["rows_retried"] == sum(t["fault"] in ("flaky", "http_500", "reset") for t in truth)
         # The tar of a rewritten shard holds its old samples and the new ones.
         keys = {k for (k,) in wds.WebDataset(sorted(glob.glob(f"{out}/*.tar")), shardshuffle=False).to_tuple("__key__")}

@@ -85,7 +85,8 @@ class ShardCrawler:
         by_key = {r["key"]: r for r in records}
         by_key.update({r["key"]: r for r in fresh})
         merged = list(by_key.values())
-        stats = {**shard_stats(merged, started, downloaded), "retried": len(again)}
+        previous = self.output.read_json(stats_name)
+        stats = {**shard_stats(merged, started, previous["bytes_downloaded"] + downloaded), "retried": len(again)}
         # Without its stats file the shard reads as incomplete while its files are swapped: a crash here
         # leaves a shard that the next run crawls again from the plan, never a tar and parquet that disagree.
         self.output.remove(stats_name)

@@ -92,13 +92,13 @@ class Fetcher:
 
     async def fetch(self, url: str) -> Fetched:
         """Fetch with retries: transient failures are tried again after an exponential backoff."""
-        result = Fetched(reason="invalid_url", message="not tried")
-        for attempt in range(self.settings.retries + 1):
+        attempt = 0
+        while True:
             result = await self.fetch_once(url)
-            if not result.transient or attempt == self.settings.retries:
-                break
+            if not result.transient or attempt >= self.settings.retries:
+                return result
             await asyncio.sleep(self.settings.retry_backoff * 2**attempt)
-        return result
+            attempt += 1
 
     async def fetch_once(self, url: str) -> Fetched:
         s = self.settings

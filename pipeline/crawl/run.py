@@ -102,12 +102,13 @@ def _reasons(stats: dict) -> set[str]:
     return {reason for reasons in stats["reasons"].values() for reason in reasons}
 
 
-def totals(out: Location, shards: int) -> dict:
-    """Counts over every shard's stats, and each output file's sha256 (under "sha256", taken out below)."""
-    counts = {"rows": 0, **{s: 0 for s in STATUSES}, "bytes_downloaded": 0, "reasons": {}, "sha256": {}}
+def totals(out: Location, shards: int) -> tuple[dict, dict[str, str]]:
+    """Counts over every shard's stats, and each output file's sha256 as recorded when it was written."""
+    counts = {"rows": 0, **{s: 0 for s in STATUSES}, "bytes_downloaded": 0, "reasons": {}}
+    file_hashes: dict[str, str] = {}
     for shard_id in range(shards):
         stats = out.read_json(shard_files(shard_id)[2])
-        counts["sha256"].update(stats["sha256"])
+        file_hashes.update(stats["sha256"])
         counts["rows"] += stats["count"]
         counts["success"] += stats["successes"]
         counts["failed_to_download"] += stats["failed_to_download"]
@@ -119,7 +120,7 @@ def totals(out: Location, shards: int) -> dict:
             for reason, n in reasons.items():
                 merged[reason] = merged.get(reason, 0) + n
     counts["reasons"] = {s: dict(sorted(r.items(), key=lambda kv: (-kv[1], kv[0]))) for s, r in counts["reasons"].items()}
-    return counts
+    return counts, file_hashes
 
 
 def crawl(cfg: DictConfig | dict) -> dict:
@@ -148,31 +149,29 @@ def crawl(cfg: DictConfig | dict) -> dict:
     shards = record["shards"]
     todo = [i for i in range(shards) if not is_complete(out, i)]
     crawl_started = time.time()
-    fresh = []
+    crawled: list[dict] = []
     if todo:
         out.remove(MANIFEST)
         rows = sum(min(record["number_sample_per_shard"], record["rows"] - i * record["number_sample_per_shard"]) for i in todo)
         resumed = shards - len(todo)
         desc = f"crawl ({resumed} of {shards} shards already done)" if resumed else "crawl"
-        fresh = _run_shards(cfg, settings, [(i, "crawl") for i in todo], rows, desc)
+        crawled = _run_shards(cfg, settings, [(i, "crawl") for i in todo], rows, desc)
     retried = 0
     if cfg["retry_failed"]:
         transient = [i for i in range(shards) if _reasons(out.read_json(shard_files(i)[2])) & TRANSIENT_REASONS]
         if transient:
             out.remove(MANIFEST)
             results = _run_shards(cfg, settings, [(i, "retry") for i in transient], 0, "retry")
-            retried = sum(r.get("retried", 0) for r in results)
-            fresh += results
+            retried = sum(r["retried"] for r in results)
     crawl_seconds = time.time() - crawl_started
-    counts = totals(out, shards)
+    counts, file_hashes = totals(out, shards)
     lost = record["rows"] - counts["rows"]
     if lost or sum(counts[s] for s in STATUSES) != counts["rows"]:
         raise RuntimeError(f"crawl of {out.url} accounts for {counts['rows']} of {record['rows']} input rows")
-    file_hashes = counts.pop("sha256")
     run = {
-        "shards_crawled": sum(1 for r in fresh if "retried" not in r),
+        "shards_crawled": len(crawled),
         "rows_retried": retried,
-        "successes_this_run": sum(r["successes"] for r in fresh if "retried" not in r),
+        "successes_this_run": sum(r["successes"] for r in crawled),
         "crawl_seconds": round(crawl_seconds, 3),
     }
     manifest = write_manifest(out, "crawl", cfg, counts, file_hashes, started, identity=identity,
