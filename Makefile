@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-curate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/crawl.py $(ARGS)
+
+bench-curate: $(STAMP)
+	$(PY) bench/curate.py $(ARGS)
 
 clean:
 	rm -rf data outputs multirun bench/out

@@ -1,41 +1,38 @@
-"""`make demo`: the whole flow that exists so far, on the embedded world. Today: serve → crawl."""
+"""`make demo`: the flow that exists so far, on the embedded world: serve → crawl → annotate → filter → shard,
+then what the ground truth says about it."""
 
 from __future__ import annotations
 
-import glob
 import os
-
-import pyarrow.parquet as pq
 
 import hydra
 from hydra import compose
 from omegaconf import DictConfig
 
-from pipeline.crawl.run import crawl
 from pipeline.errors import run_stage
+from pipeline.run import run_pipeline
 from pipeline.world.__main__ import write_and_serve
+from pipeline.world.truth import crawl_agreement, dedup_scores
 
 
 def demo(cfg: DictConfig) -> dict:
-    world_dir, raw_dir = os.path.join(cfg.output, "world"), os.path.join(cfg.output, "raw")
+    world_dir, out = os.path.join(cfg.output, "world"), cfg.output
     server = write_and_serve(DictConfig({"world": cfg.world, "output": world_dir, "host": cfg.host, "port": cfg.port}))
     try:
-        crawl_cfg = compose("crawl", overrides=[f"input={world_dir}/urls.parquet", f"output={raw_dir}", *cfg.crawl])
-        manifest = run_stage(crawl, crawl_cfg)
+        run_cfg = compose("run", overrides=[f"input={world_dir}/urls.parquet", f"output={out}", *cfg.run])
+        manifest = run_stage(run_pipeline, run_cfg)
     finally:
         server.stop()
-    print(ground_truth_check(world_dir, raw_dir))
-    print(f"\nraw shards in {raw_dir}; the world's ground truth in {world_dir}/ground_truth.parquet")
+    truth = os.path.join(world_dir, "ground_truth.parquet")
+    agree, rows = crawl_agreement(truth, os.path.join(out, "raw"))
+    selection = os.path.dirname(manifest["config"]["selection"] + "/")
+    scores = dedup_scores(truth, os.path.join(out, "raw"), selection)
+    print(f"\nground truth: {agree} of {rows} rows ended with the status and reason the world expects")
+    print(f"  exact copies removed: {scores['exact_copies_removed']} of {scores['exact_copies']}; near-duplicates: "
+          f"precision {scores['near_duplicate_precision']:.2f}, recall {scores['near_duplicate_recall']:.2f} "
+          f"({scores['near_duplicates']} in the world)")
+    print(f"training shards in {manifest['config']['output']}; MLflow: mlflow ui --backend-store-uri sqlite:///mlflow.db")
     return manifest
-
-
-def ground_truth_check(world_dir: str, raw_dir: str) -> str:
-    """How many rows ended with the status and reason the world's ground truth expects."""
-    truth = pq.read_table(os.path.join(world_dir, "ground_truth.parquet")).to_pylist()
-    rows = [r for path in sorted(glob.glob(os.path.join(raw_dir, "0*.parquet")))
-            for r in pq.read_table(path, columns=["url", "status", "reason"]).to_pylist()]
-    agree = sum((r["status"], r["reason"]) == (t["expected_status"], t["expected_reason"]) for t, r in zip(truth, rows))
-    return f"ground truth: {agree} of {len(truth)} rows ended with the status and reason the world expects"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="demo")

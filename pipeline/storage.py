@@ -116,3 +116,11 @@ def write_manifest(location: Location, stage: str, config: dict, counts: dict, f
     }
     location.write_json(MANIFEST, manifest)
     return manifest
+
+
+def file_sha256(location: Location, name: str) -> str:
+    digest = hashlib.sha256()
+    with location.fs.open(location.path(name), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -90,3 +90,48 @@ def world_lists(world, world_server, tmp_path_factory):
     folder = tmp_path_factory.mktemp("world")
     urls, truth = world.write(folder, world_server.base_url)
     return urls, truth
+
+
+def stage_config(name: str, *overrides: str):
+    """A stage's real config from conf/, with overrides."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def default_world_raw(tmp_path_factory, ray_local):
+    """The default world (240 rows) served and crawled once: (raw folder, ground truth path)."""
+    from pipeline.crawl.run import crawl
+
+    world = World(world_config(n=240))
+    folder = tmp_path_factory.mktemp("default_world")
+    with WorldServer(world) as server:
+        urls, truth = world.write(folder / "world", server.base_url)
+        crawl(crawl_config(f"input={urls}", f"output={folder / 'raw'}"))
+    return str(folder / "raw"), truth
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory, default_world_raw):
+    """A tiny CLIP (random weights) from conf/model/clip_tiny.yaml, its tokenizer trained on world captions."""
+    from hydra.utils import instantiate
+
+    from training.clip_model import ClipBundle, image_processor_for, save_clip
+    from training.tokenizer import train_tokenizer
+
+    captions = [r["caption"] for r in read_rows(default_world_raw[0])]
+    tokenizer = train_tokenizer(captions, vocab_size=400, max_length=32)
+    model_cfg = OmegaConf.load(CONF / "model" / "clip_tiny.yaml")
+    model = instantiate(model_cfg, tokenizer=tokenizer)
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    save_clip(str(folder), ClipBundle(model, tokenizer, image_processor_for(int(model_cfg.image_size))))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def annotated(tmp_path_factory, default_world_raw, tiny_clip):
+    from pipeline.annotate.run import annotate
+
+    out = tmp_path_factory.mktemp("meta")
+    manifest = annotate(stage_config("annotate", f"input={default_world_raw[0]}", f"output={out}", f"clip={tiny_clip}", "progress=false"))
+    return str(out), manifest

@@ -15,7 +15,7 @@ import webdataset as wds
 
 from pipeline.crawl.run import crawl
 from pipeline.world import World, WorldServer
-from tests.conftest import ROOT, crawl_config, read_rows, world_config
+from conftest import ROOT, crawl_config, read_rows, world_config
 
 
 def _kill_session(process: subprocess.Popen) -> None:

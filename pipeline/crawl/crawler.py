@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,6 +21,7 @@ from pipeline.crawl.guard import AddressGuard
 from pipeline.crawl.image import ImageProcessor, ImageSettings
 from pipeline.crawl.shard_writer import BASE_SCHEMA, ShardWriter, output_schema, shard_files, shard_name, shard_stats
 from pipeline.storage import Location
+from pipeline.tar_io import iter_tar_samples
 
 PLAN_DIR = "_plan"
 STATUS_OF_FETCH_FAILURE = "failed_to_download"
@@ -136,14 +136,6 @@ class ShardCrawler:
 
 def copy_tar_samples(location: Location, tar_name: str, writer: ShardWriter) -> None:
     """Copy every sample of an existing shard tar into `writer`, unchanged."""
-    with location.fs.open(location.path(tar_name), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        sample: dict = {}
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            if sample and sample["__key__"] != key:
-                writer.add_raw(sample)
-                sample = {}
-            sample["__key__"] = key
-            sample[ext] = tar.extractfile(member).read()
-        if sample:
+    with location.fs.open(location.path(tar_name), "rb") as f:
+        for sample in iter_tar_samples(f):
             writer.add_raw(sample)

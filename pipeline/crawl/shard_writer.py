@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tarfile
 import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.storage import Location
+from pipeline.tar_io import TarSampleWriter
 
 # Columns every crawl parquet has, in img2dataset's names and types; input extras follow them.
 BASE_SCHEMA = pa.schema(
@@ -75,10 +75,7 @@ class ShardWriter:
         self.schema = schema
         self.extension = extension
         self.tar_name, self.parquet_name, self.stats_name = shard_files(shard_id)
-        self._tar_cm = location.open_atomic(self.tar_name)
-        self._tar_file = HashingWriter(self._tar_cm.__enter__())
-        # Plain tarfile, not webdataset.TarWriter: that import pulls in torch, a second and ~300 MB per worker.
-        self._tar = tarfile.open(fileobj=self._tar_file, mode="w|", format=tarfile.USTAR_FORMAT)
+        self._tar = TarSampleWriter(location, self.tar_name)
 
     def add(self, record: dict, image: bytes) -> None:
         meta = {k: json_safe(v) for k, v in record.items()}
@@ -92,50 +89,24 @@ class ShardWriter:
         )
 
     def add_raw(self, sample: dict) -> None:
-        """A sample in tar form: `{"__key__": key, ext: bytes, ...}`, one member per extension, as webdataset
-        and img2dataset lay them out. Fixed mtime and owner: the same samples give the same bytes."""
-        key = sample["__key__"]
-        for ext, data in sample.items():
-            if ext == "__key__":
-                continue
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o444
-            self._tar.addfile(info, io.BytesIO(data))
+        """A sample in tar form (see `pipeline.tar_io`), as webdataset and img2dataset lay them out."""
+        self._tar.add(sample)
 
     def commit(self, records: list[dict], stats: dict) -> None:
         """Tar, then parquet, then stats: a shard with a stats file is complete. The stats carry both files'
         sha256, taken as they were written, so the manifest's content hash never reads a shard again."""
-        self._tar.close()
-        self._tar_cm.__exit__(None, None, None)
+        tar_sha256 = self._tar.close()
         records = sorted(records, key=lambda r: r["key"])
         table = pa.Table.from_pylist(records, schema=self.schema)
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         with self.location.open_atomic(self.parquet_name) as f:
             f.write(buffer.getvalue())
-        stats["sha256"] = {self.tar_name: self._tar_file.hexdigest(), self.parquet_name: hashlib.sha256(buffer.getvalue()).hexdigest()}
+        stats["sha256"] = {self.tar_name: tar_sha256, self.parquet_name: hashlib.sha256(buffer.getvalue()).hexdigest()}
         self.location.write_json(self.stats_name, stats)
 
     def abort(self) -> None:
-        try:
-            self._tar.close()
-        finally:
-            self._tar_cm.__exit__(RuntimeError, RuntimeError("aborted"), None)
-
-
-class HashingWriter:
-    """A write-only file that hashes what passes through it."""
-
-    def __init__(self, file):
-        self.file = file
-        self.digest = hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self.digest.update(data)
-        return self.file.write(data)
-
-    def hexdigest(self) -> str:
-        return self.digest.hexdigest()
+        self._tar.abort()
 
 
 def shard_stats(records: list[dict], started: float, downloaded_bytes: int) -> dict:

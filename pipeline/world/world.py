@@ -182,7 +182,7 @@ def near_duplicate(data: bytes, variant: int, quality: int) -> bytes:
         return encode_jpeg(image, max(40, quality - 35))
     if kind == 1:
         return encode_jpeg(image.resize((int(w * 0.8), int(h * 0.8)), Image.BICUBIC), quality)
-    m = max(1, int(0.04 * w))
+    m = max(1, int(0.02 * w))
     return encode_jpeg(image.crop((m, m, w - m, h - m)), quality)
 
 

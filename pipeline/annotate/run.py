@@ -1,0 +1,209 @@
+"""`annotate(cfg)`: raw shards → one metadata parquet per shard, streamed through Ray Data, manifest last.
+
+Signals run as fused map tasks; CLIP scoring (when `clip` is set) as an actor pool. The driver gathers
+each shard's rows and writes `{shard}.parquet` as soon as the shard is whole, so a killed run resumes with
+the shards it had not finished. Rows are sorted by key: the same input gives the same bytes on every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from pipeline.annotate.clip_scorer import ClipScorer
+from pipeline.annotate.signals import ShardAnnotator
+from pipeline.errors import StageError
+from pipeline.ray_setup import actor_count, init_ray, quiet_ray_data
+from pipeline.storage import MANIFEST, Location, config_fingerprint, file_sha256, write_manifest
+
+IDENTITY = "_identity.json"
+RUN_ONLY = {"input", "output", "clip_batch_size", "clip_actors", "clip_threads", "overwrite", "progress", "ray"}
+COLUMNS = [
+    ("key", pa.string()), ("shard", pa.string()), ("url", pa.string()), ("caption", pa.string()),
+    ("sha256", pa.string()), ("dhash", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+    ("original_width", pa.int32()), ("original_height", pa.int32()), ("aspect_ratio", pa.float32()),
+    ("caption_chars", pa.int32()), ("caption_words", pa.int32()), ("error", pa.string()),
+]
+
+
+def meta_name(shard: str) -> str:
+    return shard.rsplit(".", 1)[0] + ".parquet"
+
+
+def input_fingerprint(raw: Location, shards: list[str]) -> str:
+    """The crawl's content hash when the input has a manifest, else the tar names and sizes."""
+    if raw.exists(MANIFEST):
+        return raw.read_json(MANIFEST)["content_hash"]
+    return config_fingerprint({s: raw.fs.size(raw.path(s)) for s in shards})
+
+
+def clip_fingerprint(path: str | None) -> str | None:
+    """Which model scored: its config and weight files' names and sizes (hashing gigabytes of weights would
+    cost more than annotating a small pool)."""
+    if not path:
+        return None
+    folder = Location(path)
+    if not folder.exists("config.json"):
+        raise StageError(f"clip={path} is not a transformers CLIP folder (no config.json there)")
+    files = {n: folder.fs.size(folder.path(n)) for n in folder.listdir() if n.endswith((".safetensors", ".bin", ".json"))}
+    with folder.fs.open(folder.path("config.json"), "rb") as f:
+        files["config.json"] = hashlib.sha256(f.read()).hexdigest()
+    return config_fingerprint(files)
+
+
+def to_table(parts: list[dict]) -> pa.Table:
+    """Numpy batches of one shard → an Arrow table in key order; embeddings as fixed-size float16 lists.
+    Sizes of an unreadable image (-1, NaN) become nulls."""
+    batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.argsort(batch["key"].astype(str), kind="stable")
+    batch = {k: v[order] for k, v in batch.items()}
+    columns = {}
+    for name, kind in COLUMNS:
+        values = batch[name]
+        if pa.types.is_string(kind):  # Ray hands an all-null object column back as NaN floats
+            columns[name] = pa.array([v if isinstance(v, str) else None for v in values.tolist()], type=kind)
+        else:
+            values = values.astype(kind.to_pandas_dtype())
+            columns[name] = pa.array(values, type=kind, mask=~np.isfinite(values) | (values < 0))
+    if "clip_score" in batch:
+        unreadable = pa.array([isinstance(e, str) for e in batch["error"]])
+        for name in ("image_embedding", "text_embedding"):
+            values = np.ascontiguousarray(batch[name], dtype=np.float16)
+            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1], mask=unreadable)
+        columns["clip_score"] = pa.array(batch["clip_score"].astype(np.float32), mask=~np.isfinite(batch["clip_score"]))
+    return pa.table(columns)
+
+
+def empty_table(dim: int | None) -> pa.Table:
+    fields = [pa.field(n, t) for n, t in COLUMNS]
+    if dim:
+        fields += [pa.field("image_embedding", pa.list_(pa.float16(), dim)), pa.field("text_embedding", pa.list_(pa.float16(), dim)),
+                   pa.field("clip_score", pa.float32())]
+    return pa.schema(fields).empty_table()
+
+
+def _write(out: Location, name: str, table: pa.Table) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    with out.open_atomic(name) as f:
+        f.write(buffer.getvalue())
+
+
+def _prepare(out: Location, identity: str, overwrite: bool) -> None:
+    """Keep the finished shards of an interrupted run of the same annotation; refuse to mix annotations."""
+    if out.exists(IDENTITY):
+        if out.read_json(IDENTITY)["identity"] == identity:
+            out.remove_temporaries()
+            return
+        if not overwrite:
+            raise StageError(f"output {out.url} holds an annotation of another input or config; "
+                             "choose another output or pass overwrite=true")
+    elif out.listdir() and not overwrite:
+        raise StageError(f"output {out.url} is not empty and holds no annotation; choose an empty folder or pass overwrite=true")
+    for name in out.listdir():
+        out.remove(name)
+    out.write_json(IDENTITY, {"identity": identity})
+
+
+def _stream(cfg: dict, todo: list[str], out: Location, samples_hint: int) -> int:
+    """Run the Ray Data pipeline over the shards in `todo`; write each shard's parquet when it is whole."""
+    import ray
+
+    init_ray(cfg["ray"]["num_cpus"])
+    quiet_ray_data()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    actors = (cfg["clip_actors"] or max(1, gpus)) if cfg["clip"] else 0
+    # CPU-side readers take the CPUs that CLIP actors on CPU leave; the pool grows as blocks wait for it.
+    readers = actor_count(None, len(todo)) - (0 if gpus else actors)
+    dataset = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
+    dataset = dataset.map_batches(ShardAnnotator, fn_constructor_kwargs={"input_url": cfg["input"]}, batch_size=1,
+                                  compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, readers)))
+    if cfg["clip"]:
+        dataset = dataset.map_batches(
+            ClipScorer, fn_constructor_kwargs={"clip_path": cfg["clip"], "threads": cfg["clip_threads"]},
+            batch_size=int(cfg["clip_batch_size"]), compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+        )
+    dataset = dataset.drop_columns(["image"])
+    pending: dict[str, list[dict]] = {}
+    seen: dict[str, int] = {}
+    written = 0
+    with tqdm(total=samples_hint or None, desc="annotate", unit="sample", disable=not cfg["progress"], smoothing=0) as bar:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            bar.update(len(batch["key"]))
+            shard_of_row = batch["shard"].astype(str)
+            for shard in np.unique(shard_of_row):  # a batch may hold rows of several shards
+                rows = shard_of_row == shard
+                pending.setdefault(shard, []).append({k: v[rows] for k, v in batch.items()})
+                seen[shard] = seen.get(shard, 0) + int(rows.sum())
+                if seen[shard] == int(batch["shard_samples"][rows][0]):
+                    _write(out, meta_name(shard), to_table(pending.pop(shard)))
+                    written += 1
+    for shard in todo:  # shards with no samples (every URL failed) never reach the loop above
+        if shard not in seen:
+            _write(out, meta_name(shard), empty_table(_clip_dim(cfg["clip"])))
+    return written
+
+
+def _clip_dim(path: str | None) -> int | None:
+    if not path:
+        return None
+    return int(Location(path).read_json("config.json")["projection_dim"])
+
+
+def annotate(cfg: DictConfig | dict) -> dict:
+    """Run the annotate stage; returns its manifest."""
+    started = time.time()
+    cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    for key in ("input", "output"):
+        if "://" not in str(cfg[key]):  # Ray workers may run in another directory than this driver
+            cfg[key] = os.path.abspath(os.path.expanduser(str(cfg[key])))
+    raw = Location(cfg["input"])
+    shards = [n for n in raw.listdir() if n.endswith(".tar")]
+    if not shards:
+        raise StageError(f"input {raw.url} holds no .tar shards; expected the output of pipeline.crawl or img2dataset")
+    config = {k: v for k, v in cfg.items() if k not in RUN_ONLY}
+    identity = config_fingerprint({"config": config, "input": input_fingerprint(raw, shards), "clip": clip_fingerprint(cfg["clip"])})
+    out = Location(cfg["output"])
+    out.makedirs()
+    if out.exists(MANIFEST) and out.read_json(MANIFEST).get("identity") == identity:
+        manifest = out.read_json(MANIFEST)
+        print(f"annotate: {out.url} is already complete ({manifest['counts']['samples']} samples); nothing to do")
+        return manifest
+    _prepare(out, identity, bool(cfg["overwrite"]))
+    out.remove(MANIFEST)
+    todo = [s for s in shards if not out.exists(meta_name(s))]
+    hint = sum(_successes(raw, s) for s in todo)
+    scored = time.time()
+    if todo:
+        _stream(cfg, todo, out, hint)
+    seconds = time.time() - scored
+    names = [meta_name(s) for s in shards]
+    errors = 0
+    samples = 0
+    for name in names:
+        table = pq.read_table(out.path(name), columns=["error"], filesystem=out.fs)
+        samples += table.num_rows
+        errors += table.num_rows - table.column("error").null_count
+    counts = {"shards": len(shards), "samples": samples, "unreadable": errors}
+    run = {"shards_annotated": len(todo), "seconds": round(seconds, 3)}
+    manifest = write_manifest(out, "annotate", cfg, counts, {n: file_sha256(out, n) for n in names}, started,
+                              identity=identity, input_content_hash=input_fingerprint(raw, shards), last_run=run)
+    rate = samples / seconds if todo and seconds else 0.0
+    print(f"annotate summary: {samples} samples in {len(shards)} shards ({errors} unreadable)"
+          + (f"; {len(todo)} shards in {seconds:.1f}s: {rate:.1f} samples/s" if todo else ""))
+    return manifest
+
+
+def _successes(raw: Location, shard: str) -> int:
+    """Samples a crawl shard holds, from its stats file when it has one (for the progress bar only)."""
+    stats = shard.rsplit(".", 1)[0] + "_stats.json"
+    return int(raw.read_json(stats).get("successes", 0)) if raw.exists(stats) else 0

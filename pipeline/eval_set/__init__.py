@@ -1,0 +1,1 @@
+"""Held-out evaluation sets in clip_benchmark's webdataset layout."""

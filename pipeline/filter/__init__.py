@@ -1,0 +1,1 @@
+"""Filter: keep/drop every annotated sample by rules from conf/filter/, with a funnel report."""

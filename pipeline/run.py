@@ -1,0 +1,76 @@
+"""`python -m pipeline.run`: crawl → annotate → filter → shard from one config (conf/run.yaml).
+
+Each stage skips itself when its output is complete, so the expensive stages run once however many filter
+configs a sweep tries. Each filter config gets its own selection and shard folders, named after the filter
+choice and a hash of its rules, and its own MLflow run (a child of the sweep's run in a multirun).
+"""
+
+from __future__ import annotations
+
+import os
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.annotate.run import annotate
+from pipeline.crawl.run import crawl
+from pipeline.errors import run_stage
+from pipeline.filter.report import funnel_table, log_filter
+from pipeline.filter.run import filter_samples
+from pipeline.shard.run import shard
+from pipeline.storage import config_fingerprint
+
+
+def _hydra_context() -> tuple[str, str | None]:
+    """(filter choice, sweep id): the sweep id is the multirun's folder, None in a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return "filter", None
+    hydra_cfg = HydraConfig.get()
+    choice = hydra_cfg.runtime.choices.get("filter", "filter")
+    sweep = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
+    return str(choice).replace("/", "_"), sweep
+
+
+def run_pipeline(cfg: DictConfig) -> dict:
+    """Run every stage; returns the shard manifest (its counts say what a sweep produced)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    choice, sweep = _hydra_context()
+    name = f"{choice}-{config_fingerprint(config['filter'])[:8]}"
+    output = config["output"]
+    selection_dir, shards_dir = f"{output}/selection/{name}", f"{output}/shards/{name}"
+    crawl_manifest = crawl(config["crawl"])
+    meta_manifest = annotate(config["annotate"])
+    filter_cfg = {"input": config["annotate"]["output"], "output": selection_dir, "filter": config["filter"]}
+    shard_cfg = {**config["shard"], "selection": selection_dir, "output": shards_dir}
+    if not config["tracking"]:
+        filter_samples(filter_cfg, tracking=False)
+        return shard(shard_cfg)
+    from training.tracking import mlflow_run, setup_mlflow, sweep_parent
+
+    parent = sweep_parent(os.path.abspath(sweep), f"sweep {os.path.basename(sweep)}") if sweep else None
+    tags = {"pixelmill.stage": "pipeline", "data.crawl_hash": crawl_manifest["content_hash"],
+            "data.meta_hash": meta_manifest["content_hash"]}
+    with mlflow_run(f"pipeline {name}", config=config, tags=tags, parent_run_id=parent):
+        mlflow = setup_mlflow()
+        filter_manifest = filter_samples(filter_cfg, tracking=False)
+        with open(os.path.join(selection_dir, "funnel.png"), "rb") as f:
+            log_filter(filter_manifest, f.read(), funnel_table(filter_manifest["funnel"]), standalone=False)
+        shard_manifest = shard(shard_cfg)
+        mlflow.log_metrics({"crawl.images": crawl_manifest["counts"]["success"], "annotate.samples": meta_manifest["counts"]["samples"],
+                            "shard.samples": shard_manifest["counts"]["samples"], "shard.shards": shard_manifest["counts"]["shards"]})
+        mlflow.set_tags({"data.shards_hash": shard_manifest["content_hash"], "data.shards_path": shards_dir})
+        mlflow.log_dict(shard_manifest, "shard/manifest.json")
+    return shard_manifest
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="run")
+def main(cfg: DictConfig) -> float:
+    manifest = run_stage(run_pipeline, cfg)
+    return float(manifest["counts"]["samples"])  # what a sweep compares: samples kept
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""`python -m pipeline.run -m` over three CLIP-score thresholds: three shard sets, nested MLflow runs, one
+crawl and one annotation. And tracking against a real `mlflow server` on loopback."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, stage_config
+from pipeline.filter.run import filter_samples
+
+
+@pytest.mark.slow
+def test_multirun_sweep_annotates_once_and_nests_runs(world_lists, tiny_clip, tmp_path):
+    import mlflow
+
+    urls, _ = world_lists
+    out = tmp_path / "out"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    command = [sys.executable, "-m", "pipeline.run", "-m", f"input={urls}", f"output={out}", f"clip={tiny_clip}",
+               "filter=clip_score", "filter.clip_score.min=-0.1,0.0,0.05", "crawl.allow_networks=[127.0.0.1/32]",
+               "crawl.image_size=64", "crawl.timeout=1", "crawl.retries=1", "crawl.retry_backoff=0.05",
+               "crawl.progress=false", "annotate.progress=false", "shard.progress=false", "shard.samples_per_shard=16",
+               "crawl.ray.num_cpus=2", f"hydra.sweep.dir={tmp_path}/multirun"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stdout + done.stderr
+    assert log.count("annotate summary") == 1 and log.count("annotate: ") == 2  # once, then "nothing to do" twice
+    assert log.count("crawl summary") == 1
+    shard_sets = sorted(glob.glob(f"{out}/shards/*"))
+    assert len(shard_sets) == 3
+    samples = sorted(json.load(open(f"{s}/manifest.json"))["counts"]["samples"] for s in shard_sets)
+    assert samples[0] < samples[1] < samples[2]  # a higher threshold keeps fewer
+    for folder in shard_sets:
+        assert sum(json.load(open(f"{folder}/sizes.json")).values()) == json.load(open(f"{folder}/manifest.json"))["counts"]["samples"]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["pixelmill"])
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()]
+    children = runs[runs["tags.mlflow.parentRunId"].notna()]
+    assert len(parents) == 1 and len(children) == 3
+    assert set(children["tags.mlflow.parentRunId"]) == {parents["run_id"].iloc[0]}
+    assert sorted(children["metrics.shard.samples"]) == samples
+    assert set(children["params.filter.clip_score.min"]) == {"-0.1", "0.0", "0.05"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_filter_logs_to_a_real_mlflow_server(annotated, tmp_path, monkeypatch):
+    import mlflow
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--workers", "1",
+                               "--artifacts-destination", str(tmp_path / "artifacts")],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        uri = f"http://127.0.0.1:{port}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        meta_dir, _ = annotated
+        manifest = filter_samples(stage_config("filtering", f"input={meta_dir}", f"output={tmp_path / 'sel'}"))
+        mlflow.set_tracking_uri(uri)
+        runs = mlflow.search_runs(experiment_names=["pixelmill"])
+        assert len(runs) == 1 and runs["metrics.filter.kept"].iloc[0] == manifest["counts"]["kept"]
+        assert runs["tags.data.meta_hash"].iloc[0] == manifest["input_content_hash"]
+        png = mlflow.artifacts.download_artifacts(run_id=runs["run_id"].iloc[0], artifact_path="filter/funnel.png", dst_path=str(tmp_path / "dl"))
+        assert open(png, "rb").read(4) == b"\x89PNG"
+    finally:
+        os.killpg(server.pid, 9)
+        server.wait(timeout=30)

@@ -1,0 +1,64 @@
+"""CLIP as a `transformers` CLIPModel: built from a small config, saved as a folder anyone can open with
+`CLIPModel.from_pretrained`, loaded back with its tokenizer and image processor. Knows nothing of training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+# OpenAI CLIP's normalisation; kept so that our folders and the Hub's agree on what a pixel means.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def build_clip(tokenizer, *, projection_dim: int, image_size: int, patch_size: int, vision: dict, text: dict,
+               logit_scale_init: float = 2.6592) -> CLIPModel:
+    """A fresh CLIPModel whose text side matches `tokenizer` (vocabulary, special ids, context length)."""
+    text = dict(text)
+    text.setdefault("max_position_embeddings", tokenizer.model_max_length)
+    config = CLIPConfig(
+        text_config={**text, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
+        vision_config={**dict(vision), "image_size": image_size, "patch_size": patch_size},
+        projection_dim=projection_dim,
+        logit_scale_init_value=logit_scale_init,
+    )
+    return CLIPModel(config)
+
+
+def image_processor_for(image_size: int, mean=CLIP_MEAN, std=CLIP_STD) -> CLIPImageProcessorPil:
+    """Resize the short side, centre-crop, normalise: what CLIP folders on the Hub declare."""
+    return CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                                 image_mean=list(mean), image_std=list(std))
+
+
+@dataclass
+class ClipBundle:
+    model: CLIPModel
+    tokenizer: object
+    image_processor: CLIPImageProcessorPil
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.config.text_config.max_position_embeddings)
+
+
+def save_clip(folder: str, bundle: ClipBundle) -> None:
+    bundle.model.save_pretrained(folder)  # safetensors
+    bundle.tokenizer.save_pretrained(folder)
+    bundle.image_processor.save_pretrained(folder)
+
+
+def load_clip(folder: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> ClipBundle:
+    """Any `transformers` CLIP folder: ours, or one from the Hub saved to disk."""
+    model = CLIPModel.from_pretrained(folder, dtype=dtype) if dtype else CLIPModel.from_pretrained(folder)
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        processor = CLIPImageProcessorPil.from_pretrained(folder)
+    except OSError:  # a folder without preprocessor_config.json: OpenAI's defaults at the model's size
+        processor = image_processor_for(model.config.vision_config.image_size)
+    return ClipBundle(model, tokenizer, processor)

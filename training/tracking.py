@@ -1,0 +1,63 @@
+"""MLflow for every command: where runs go, and the few things every run logs.
+
+The default store is `sqlite:///mlflow.db` in the working directory; `MLFLOW_TRACKING_URI` points elsewhere
+(a team server). Runs land in the experiment named by `MLFLOW_EXPERIMENT_NAME`, else "pixelmill".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "pixelmill"
+SWEEP_TAG = "pixelmill.sweep"
+
+
+def setup_mlflow():
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
+    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+    return mlflow
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config → `a.b.c: value` params (MLflow keeps params flat and short)."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
+    return {k: v[:6000] for k, v in out.items()}
+
+
+def sweep_parent(sweep_id: str, name: str) -> str:
+    """The run that groups a Hydra multirun: found by its tag, created by the first job that asks. Every
+    launcher works, because no job needs to have started it."""
+    mlflow = setup_mlflow()
+    client = mlflow.MlflowClient()
+    experiment = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+    found = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment.experiment_id, run_name=name, tags={SWEEP_TAG: sweep_id})
+    return run.info.run_id
+
+
+@contextmanager
+def mlflow_run(name: str, config: dict | None = None, tags: dict | None = None, parent_run_id: str | None = None):
+    """A run logging the resolved config (as params and as `config.json`); nested under the active run if
+    there is one, or under `parent_run_id`."""
+    mlflow = setup_mlflow()
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(run_name=name, nested=nested, parent_run_id=None if nested else parent_run_id, tags=tags) as run:
+        if config is not None:
+            mlflow.log_params(flatten(config))
+            mlflow.log_dict(config, "config.json")
+        yield run
+    if parent_run_id and not nested:  # a sweep's parent ends when its latest job does
+        mlflow.MlflowClient().set_terminated(parent_run_id)
