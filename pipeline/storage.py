@@ -58,6 +58,18 @@ class Location:
             if self.fs.exists(self.path(tmp)):
                 self.fs.rm(self.path(tmp))
 
+    def write_parquet(self, name: str, table) -> str:
+        """Write a pyarrow table atomically; returns the file's sha256 (taken from the buffer, not re-read)."""
+        import io
+
+        import pyarrow.parquet as pq
+
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        with self.open_atomic(name) as f:
+            f.write(buffer.getvalue())
+        return hashlib.sha256(buffer.getvalue()).hexdigest()
+
     def read_json(self, name: str):
         with self.fs.open(self.path(name), "r") as f:
             return json.load(f)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, stage_config
+from conftest import stage_config
 from pipeline.filter.run import filter_samples
 
 

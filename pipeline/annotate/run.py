@@ -8,7 +8,6 @@ the shards it had not finished. Rows are sorted by key: the same input gives the
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import time
 
@@ -90,13 +89,6 @@ def empty_table(dim: int | None) -> pa.Table:
     return pa.schema(fields).empty_table()
 
 
-def _write(out: Location, name: str, table: pa.Table) -> None:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    with out.open_atomic(name) as f:
-        f.write(buffer.getvalue())
-
-
 def _prepare(out: Location, identity: str, overwrite: bool) -> None:
     """Keep the finished shards of an interrupted run of the same annotation; refuse to mix annotations."""
     if out.exists(IDENTITY):
@@ -145,11 +137,11 @@ def _stream(cfg: dict, todo: list[str], out: Location, samples_hint: int) -> int
                 pending.setdefault(shard, []).append({k: v[rows] for k, v in batch.items()})
                 seen[shard] = seen.get(shard, 0) + int(rows.sum())
                 if seen[shard] == int(batch["shard_samples"][rows][0]):
-                    _write(out, meta_name(shard), to_table(pending.pop(shard)))
+                    out.write_parquet(meta_name(shard), to_table(pending.pop(shard)))
                     written += 1
     for shard in todo:  # shards with no samples (every URL failed) never reach the loop above
         if shard not in seen:
-            _write(out, meta_name(shard), empty_table(_clip_dim(cfg["clip"])))
+            out.write_parquet(meta_name(shard), empty_table(_clip_dim(cfg["clip"])))
     return written
 
 

@@ -5,14 +5,12 @@ Pure pyarrow/numpy over the annotate output: it never opens an image, so trying 
 
 from __future__ import annotations
 
-import io
 import os
 import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -97,7 +95,7 @@ def filter_samples(cfg: DictConfig | dict, tracking: bool | None = None) -> dict
     out.remove(MANIFEST)
     selection = pa.table({"key": meta["key"].astype(str), "shard": meta["shard"].astype(str),
                           "keep": pa.array(reason == None), "reason": pa.array(reason.tolist(), pa.string())})  # noqa: E711
-    hashes = {SELECTION: _write_parquet(out, SELECTION, selection)}
+    hashes = {SELECTION: out.write_parquet(SELECTION, selection)}
     table_text = funnel_table(funnel)
     with out.open_atomic("funnel.txt", "w") as f:
         f.write(table_text + "\n")
@@ -113,12 +111,3 @@ def filter_samples(cfg: DictConfig | dict, tracking: bool | None = None) -> dict
         log_filter(manifest, chart, table_text, standalone=True)
     return manifest
 
-
-def _write_parquet(out: Location, name: str, table: pa.Table) -> str:
-    import hashlib
-
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    with out.open_atomic(name) as f:
-        f.write(buffer.getvalue())
-    return hashlib.sha256(buffer.getvalue()).hexdigest()

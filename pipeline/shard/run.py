@@ -8,7 +8,6 @@ writes only the tars without a record, and the same seed gives the same bytes.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
@@ -51,13 +50,6 @@ def _index(raw: Location, shards: list[str]) -> pa.Table:
     return pa.table(columns)
 
 
-def _write_table(location: Location, name: str, table: pa.Table) -> None:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    with location.open_atomic(name) as f:
-        f.write(buffer.getvalue())
-
-
 def _plan(cfg: dict, out: Location, raw: Location, kept: pa.Table, identity: str) -> dict:
     plan_dir = Location(out.path(PLAN_DIR))
     if plan_dir.exists("plan.json"):
@@ -79,8 +71,8 @@ def _plan(cfg: dict, out: Location, raw: Location, kept: pa.Table, identity: str
     missing = n - len(set(members["key"].to_pylist()))
     if missing:
         raise StageError(f"{missing} selected samples are not in the raw shards of {raw.url}; was the selection made from them?")
-    _write_table(out, f"{PLAN_DIR}/assignment.parquet", assignment)
-    _write_table(out, f"{PLAN_DIR}/members.parquet", members)
+    out.write_parquet(f"{PLAN_DIR}/assignment.parquet", assignment)
+    out.write_parquet(f"{PLAN_DIR}/members.parquet", members)
     record = {"identity": identity, "samples": n, "shards": (n + per - 1) // per}
     plan_dir.write_json("plan.json", record)  # last: a plan.json means the plan is whole
     return record
