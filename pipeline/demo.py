@@ -25,8 +25,7 @@ def demo(cfg: DictConfig) -> dict:
         server.stop()
     truth = os.path.join(world_dir, "ground_truth.parquet")
     agree, rows = crawl_agreement(truth, os.path.join(out, "raw"))
-    selection = os.path.dirname(manifest["config"]["selection"] + "/")
-    scores = dedup_scores(truth, os.path.join(out, "raw"), selection)
+    scores = dedup_scores(truth, os.path.join(out, "raw"), manifest["config"]["selection"])
     print(f"\nground truth: {agree} of {rows} rows ended with the status and reason the world expects")
     print(f"  exact copies removed: {scores['exact_copies_removed']} of {scores['exact_copies']}; near-duplicates: "
           f"precision {scores['near_duplicate_precision']:.2f}, recall {scores['near_duplicate_recall']:.2f} "

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.annotate.run import annotate
 from pipeline.crawl.run import crawl
 from pipeline.errors import run_stage
-from pipeline.filter.report import funnel_table, log_filter
+from pipeline.filter.report import log_filter
 from pipeline.filter.run import filter_samples
 from pipeline.shard.run import shard
 from pipeline.storage import config_fingerprint
@@ -43,10 +43,11 @@ def run_pipeline(cfg: DictConfig) -> dict:
     selection_dir, shards_dir = f"{output}/selection/{name}", f"{output}/shards/{name}"
     crawl_manifest = crawl(config["crawl"])
     meta_manifest = annotate(config["annotate"])
-    filter_cfg = {"input": config["annotate"]["output"], "output": selection_dir, "filter": config["filter"]}
+    # The filter logs nothing itself: a rerun finds its output complete, yet each pipeline run logs the funnel.
+    filter_cfg = {"input": config["annotate"]["output"], "output": selection_dir, "filter": config["filter"], "tracking": False}
     shard_cfg = {**config["shard"], "selection": selection_dir, "output": shards_dir}
     if not config["tracking"]:
-        filter_samples(filter_cfg, tracking=False)
+        filter_samples(filter_cfg)
         return shard(shard_cfg)
     from training.tracking import mlflow_run, setup_mlflow, sweep_parent
 
@@ -55,9 +56,9 @@ def run_pipeline(cfg: DictConfig) -> dict:
             "data.meta_hash": meta_manifest["content_hash"]}
     with mlflow_run(f"pipeline {name}", config=config, tags=tags, parent_run_id=parent):
         mlflow = setup_mlflow()
-        filter_manifest = filter_samples(filter_cfg, tracking=False)
-        with open(os.path.join(selection_dir, "funnel.png"), "rb") as f:
-            log_filter(filter_manifest, f.read(), funnel_table(filter_manifest["funnel"]), standalone=False)
+        filter_manifest = filter_samples(filter_cfg)
+        with open(os.path.join(selection_dir, "funnel.png"), "rb") as png, open(os.path.join(selection_dir, "funnel.txt")) as txt:
+            log_filter(filter_manifest, png.read(), txt.read())
         shard_manifest = shard(shard_cfg)
         mlflow.log_metrics({"crawl.images": crawl_manifest["counts"]["success"], "annotate.samples": meta_manifest["counts"]["samples"],
                             "shard.samples": shard_manifest["counts"]["samples"], "shard.shards": shard_manifest["counts"]["shards"]})

@@ -17,6 +17,8 @@ from importlib import metadata
 
 import fsspec
 
+from pipeline.errors import StageError
+
 MANIFEST = "manifest.json"
 
 
@@ -84,6 +86,24 @@ class Location:
         for name in stale:
             self.remove(name)
         return len(stale)
+
+
+def claim_output(out: Location, marker: str, identity: str, overwrite: bool, what: str) -> dict | None:
+    """Make `out` the output of the run named by `identity`. Returns the `marker` record when `out` holds an
+    interrupted run of the same identity (resume from it); otherwise empties `out` and returns None. Another
+    run's output, or a folder that is no stage's output, is emptied only with `overwrite`."""
+    if out.exists(marker):
+        record = out.read_json(marker)
+        if record["identity"] == identity:
+            return record
+        if not overwrite:
+            raise StageError(f"output {out.url} holds {what} of another input or config; "
+                             "choose another output or pass overwrite=true")
+    elif out.listdir() and not overwrite:
+        raise StageError(f"output {out.url} is not empty and holds no {what}; choose an empty folder or pass overwrite=true")
+    for name in out.listdir():
+        out.remove(name)
+    return None
 
 
 def code_version() -> str:

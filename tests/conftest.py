@@ -56,8 +56,7 @@ def crawl_config(*overrides: str):
     """The real conf/crawl.yaml, with the settings every test crawl of the world needs."""
     base = ["allow_networks=[127.0.0.1/32]", "timeout=1", "retries=1", "retry_backoff=0.05",
             "number_sample_per_shard=40", "image_size=64", "max_bytes=1048576", "progress=false"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("crawl", overrides=[*base, *overrides])
+    return stage_config("crawl", *base, *overrides)
 
 
 def read_rows(folder) -> list[dict]:

@@ -21,7 +21,7 @@ from pipeline.annotate.clip_scorer import ClipScorer
 from pipeline.annotate.signals import ShardAnnotator
 from pipeline.errors import StageError
 from pipeline.ray_setup import actor_count, init_ray, quiet_ray_data
-from pipeline.storage import MANIFEST, Location, config_fingerprint, file_sha256, write_manifest
+from pipeline.storage import MANIFEST, Location, claim_output, config_fingerprint, file_sha256, write_manifest
 
 IDENTITY = "_identity.json"
 RUN_ONLY = {"input", "output", "clip_batch_size", "clip_actors", "clip_threads", "overwrite", "progress", "ray"}
@@ -89,23 +89,7 @@ def empty_table(dim: int | None) -> pa.Table:
     return pa.schema(fields).empty_table()
 
 
-def _prepare(out: Location, identity: str, overwrite: bool) -> None:
-    """Keep the finished shards of an interrupted run of the same annotation; refuse to mix annotations."""
-    if out.exists(IDENTITY):
-        if out.read_json(IDENTITY)["identity"] == identity:
-            out.remove_temporaries()
-            return
-        if not overwrite:
-            raise StageError(f"output {out.url} holds an annotation of another input or config; "
-                             "choose another output or pass overwrite=true")
-    elif out.listdir() and not overwrite:
-        raise StageError(f"output {out.url} is not empty and holds no annotation; choose an empty folder or pass overwrite=true")
-    for name in out.listdir():
-        out.remove(name)
-    out.write_json(IDENTITY, {"identity": identity})
-
-
-def _stream(cfg: dict, todo: list[str], out: Location, samples_hint: int) -> int:
+def _stream(cfg: dict, todo: list[str], out: Location, samples_hint: int) -> None:
     """Run the Ray Data pipeline over the shards in `todo`; write each shard's parquet when it is whole."""
     import ray
 
@@ -127,7 +111,6 @@ def _stream(cfg: dict, todo: list[str], out: Location, samples_hint: int) -> int
     dataset = dataset.drop_columns(["image"])
     pending: dict[str, list[dict]] = {}
     seen: dict[str, int] = {}
-    written = 0
     with tqdm(total=samples_hint or None, desc="annotate", unit="sample", disable=not cfg["progress"], smoothing=0) as bar:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             bar.update(len(batch["key"]))
@@ -138,11 +121,9 @@ def _stream(cfg: dict, todo: list[str], out: Location, samples_hint: int) -> int
                 seen[shard] = seen.get(shard, 0) + int(rows.sum())
                 if seen[shard] == int(batch["shard_samples"][rows][0]):
                     out.write_parquet(meta_name(shard), to_table(pending.pop(shard)))
-                    written += 1
     for shard in todo:  # shards with no samples (every URL failed) never reach the loop above
         if shard not in seen:
             out.write_parquet(meta_name(shard), empty_table(_clip_dim(cfg["clip"])))
-    return written
 
 
 def _clip_dim(path: str | None) -> int | None:
@@ -163,14 +144,18 @@ def annotate(cfg: DictConfig | dict) -> dict:
     if not shards:
         raise StageError(f"input {raw.url} holds no .tar shards; expected the output of pipeline.crawl or img2dataset")
     config = {k: v for k, v in cfg.items() if k not in RUN_ONLY}
-    identity = config_fingerprint({"config": config, "input": input_fingerprint(raw, shards), "clip": clip_fingerprint(cfg["clip"])})
+    input_hash = input_fingerprint(raw, shards)
+    identity = config_fingerprint({"config": config, "input": input_hash, "clip": clip_fingerprint(cfg["clip"])})
     out = Location(cfg["output"])
     out.makedirs()
     if out.exists(MANIFEST) and out.read_json(MANIFEST).get("identity") == identity:
         manifest = out.read_json(MANIFEST)
         print(f"annotate: {out.url} is already complete ({manifest['counts']['samples']} samples); nothing to do")
         return manifest
-    _prepare(out, identity, bool(cfg["overwrite"]))
+    # Keep the finished shards of an interrupted run of the same annotation; refuse to mix annotations.
+    if claim_output(out, IDENTITY, identity, bool(cfg["overwrite"]), "annotation") is None:
+        out.write_json(IDENTITY, {"identity": identity})
+    out.remove_temporaries()
     out.remove(MANIFEST)
     todo = [s for s in shards if not out.exists(meta_name(s))]
     hint = sum(_successes(raw, s) for s in todo)
@@ -188,7 +173,7 @@ def annotate(cfg: DictConfig | dict) -> dict:
     counts = {"shards": len(shards), "samples": samples, "unreadable": errors}
     run = {"shards_annotated": len(todo), "seconds": round(seconds, 3)}
     manifest = write_manifest(out, "annotate", cfg, counts, {n: file_sha256(out, n) for n in names}, started,
-                              identity=identity, input_content_hash=input_fingerprint(raw, shards), last_run=run)
+                              identity=identity, input_content_hash=input_hash, last_run=run)
     rate = samples / seconds if todo and seconds else 0.0
     print(f"annotate summary: {samples} samples in {len(shards)} shards ({errors} unreadable)"
           + (f"; {len(todo)} shards in {seconds:.1f}s: {rate:.1f} samples/s" if todo else ""))

@@ -19,7 +19,7 @@ from pipeline.crawl.inputs import plan, read_input
 from pipeline.crawl.shard_writer import STATUSES, is_complete, shard_files, shard_name
 from pipeline.errors import StageError
 from pipeline.ray_setup import actor_count, init_ray, quiet_ray_data
-from pipeline.storage import MANIFEST, Location, code_version, config_fingerprint, write_manifest
+from pipeline.storage import MANIFEST, Location, claim_output, code_version, config_fingerprint, write_manifest
 
 # Options that change *how fast*, not *what*: a resume may change them.
 RUN_ONLY = {"input", "output", "processes", "concurrency", "image_threads", "retry_failed", "overwrite", "progress", "ray"}
@@ -51,18 +51,10 @@ def worker_settings(cfg: dict, local_root: str | None) -> dict:
 
 def _prepare(out: Location, cfg: dict, identity: str, table, overwrite: bool) -> dict:
     """Reuse the plan of an interrupted run of the same crawl, or write a new one; refuse to mix crawls."""
+    existing = claim_output(out, f"{PLAN_DIR}/plan.json", identity, overwrite, "a crawl")
+    if existing:
+        return existing
     plan_dir = Location(f"{out.url}/{PLAN_DIR}")
-    if plan_dir.exists("plan.json"):
-        existing = plan_dir.read_json("plan.json")
-        if existing["identity"] == identity:
-            return existing
-        if not overwrite:
-            raise StageError(f"output {out.url} holds a crawl of another input or config; "
-                             "choose another output or pass overwrite=true")
-    elif out.listdir() and not overwrite:
-        raise StageError(f"output {out.url} is not empty and holds no crawl plan; choose an empty folder or pass overwrite=true")
-    for name in out.listdir():
-        out.remove(name)
     plan_dir.makedirs()
     shards = plan(table, int(cfg["number_sample_per_shard"]))
     for shard_id, shard in enumerate(shards):

@@ -3,8 +3,8 @@
 Small sets are compared exhaustively. Large ones use locality-sensitive hashing by bit sampling: each of
 `tables` tables keys a hash by `bits_per_table` of its bits chosen at random (seeded); two hashes d bits
 apart share a key with probability (1 - d/B)^k, so close pairs meet in some table almost surely while far
-pairs almost never do. Every candidate pair is then checked exactly, so a group never joins hashes that are
-more than t apart pairwise-by-pairwise (groups are connected components of the ≤ t graph).
+pairs almost never do. Every candidate pair is then checked exactly: an edge always means distance ≤ t, and
+groups are the connected components of those edges.
 """
 
 from __future__ import annotations

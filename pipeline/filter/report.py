@@ -39,8 +39,8 @@ def funnel_chart(funnel: list[dict], title: str = "") -> bytes:
     return buffer.getvalue()
 
 
-def log_filter(manifest: dict, chart: bytes, table_text: str, standalone: bool) -> None:
-    """Log into the active MLflow run, or into a run of its own when the filter runs alone."""
+def log_filter(manifest: dict, chart: bytes, table_text: str) -> None:
+    """Log into the active MLflow run (`pipeline.run`'s), or into a run of its own when there is none."""
     from training.tracking import mlflow_run, setup_mlflow
 
     mlflow = setup_mlflow()
@@ -55,7 +55,7 @@ def log_filter(manifest: dict, chart: bytes, table_text: str, standalone: bool) 
         mlflow.log_text(table_text, "filter/funnel.txt")
         mlflow.set_tags({"data.meta_hash": manifest["input_content_hash"], "data.selection_hash": manifest["content_hash"]})
 
-    if standalone and mlflow.active_run() is None:
+    if mlflow.active_run() is None:
         with mlflow_run("filter", config=manifest["config"], tags={"pixelmill.stage": "filter"}):
             log()
     else:

@@ -74,7 +74,7 @@ def apply_rules(meta: dict[str, np.ndarray], rules) -> tuple[np.ndarray, list[di
     return reason, funnel
 
 
-def filter_samples(cfg: DictConfig | dict, tracking: bool | None = None) -> dict:
+def filter_samples(cfg: DictConfig | dict) -> dict:
     """Run the filter stage; returns its manifest (with the funnel)."""
     started = time.time()
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
@@ -107,7 +107,7 @@ def filter_samples(cfg: DictConfig | dict, tracking: bool | None = None) -> dict
     manifest = write_manifest(out, "filter", cfg, counts, hashes, started, identity=identity,
                               input_content_hash=input_hash, funnel=funnel)
     print(f"filter funnel ({meta_dir.url} → {out.url}):\n{table_text}")
-    if tracking if tracking is not None else cfg.get("tracking", True):
-        log_filter(manifest, chart, table_text, standalone=True)
+    if cfg.get("tracking", True):
+        log_filter(manifest, chart, table_text)
     return manifest
 

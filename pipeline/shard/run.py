@@ -22,7 +22,7 @@ from tqdm import tqdm
 from pipeline.errors import StageError
 from pipeline.ray_setup import actor_count, init_ray, quiet_ray_data
 from pipeline.shard.writer import PLAN_DIR, TrainingShardWriter, done_name, output_name
-from pipeline.storage import MANIFEST, Location, config_fingerprint, write_manifest
+from pipeline.storage import MANIFEST, Location, claim_output, config_fingerprint, write_manifest
 from pipeline.tar_io import tar_index
 
 RUN_ONLY = {"input", "selection", "output", "processes", "overwrite", "progress", "ray"}
@@ -51,17 +51,10 @@ def _index(raw: Location, shards: list[str]) -> pa.Table:
 
 
 def _plan(cfg: dict, out: Location, raw: Location, kept: pa.Table, identity: str) -> dict:
+    existing = claim_output(out, f"{PLAN_DIR}/plan.json", identity, bool(cfg["overwrite"]), "a shard set")
+    if existing:
+        return existing
     plan_dir = Location(out.path(PLAN_DIR))
-    if plan_dir.exists("plan.json"):
-        existing = plan_dir.read_json("plan.json")
-        if existing["identity"] == identity:
-            return existing
-        if not cfg["overwrite"]:
-            raise StageError(f"output {out.url} holds shards of another selection or config; choose another output or pass overwrite=true")
-    elif out.listdir() and not cfg["overwrite"]:
-        raise StageError(f"output {out.url} is not empty and holds no shard plan; choose an empty folder or pass overwrite=true")
-    for name in out.listdir():
-        out.remove(name)
     plan_dir.makedirs("done")
     n, per = kept.num_rows, int(cfg["samples_per_shard"])
     order = np.random.default_rng(int(cfg["seed"])).permutation(n)  # position p holds kept row order[p]
