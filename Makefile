@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install test demo bench bench-curate clean
+.PHONY: install test demo bench bench-curate bench-train clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ bench: $(STAMP)
 
 bench-curate: $(STAMP)
 	$(PY) bench/curate.py $(ARGS)
+
+bench-train: $(STAMP)
+	$(PY) bench/train_clip.py $(ARGS)
 
 clean:
 	rm -rf data outputs multirun bench/out

@@ -1,18 +1,10 @@
-"""Errors a user can fix; the command line prints them as one line and exits with status 2."""
+"""Errors a user can fix; the command line prints them as one line and exits with status 2.
+
+One definition for the whole project (training's, the core package): a stage's StageError is a UserError."""
 
 from __future__ import annotations
 
-import sys
+from training.errors import UserError as StageError
+from training.errors import run_command as run_stage
 
-
-class StageError(ValueError):
-    """Bad input or configuration: the message names the bad thing and what was expected."""
-
-
-def run_stage(stage, cfg):
-    """Call `stage(cfg)`; a StageError ends the process with its one-line message instead of a traceback."""
-    try:
-        return stage(cfg)
-    except StageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+__all__ = ["StageError", "run_stage"]

@@ -21,23 +21,19 @@ from pipeline.shard.run import shard
 from pipeline.storage import config_fingerprint
 
 
-def _hydra_context() -> tuple[str, str | None]:
-    """(filter choice, sweep id): the sweep id is the multirun's folder, None in a single run."""
+def _filter_choice() -> str:
+    """The filter config's name as chosen on the command line (`filter=clip_score`)."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     if not HydraConfig.initialized():
-        return "filter", None
-    hydra_cfg = HydraConfig.get()
-    choice = hydra_cfg.runtime.choices.get("filter", "filter")
-    sweep = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
-    return str(choice).replace("/", "_"), sweep
+        return "filter"
+    return str(HydraConfig.get().runtime.choices.get("filter", "filter")).replace("/", "_")
 
 
 def run_pipeline(cfg: DictConfig) -> dict:
     """Run every stage; returns the shard manifest (its counts say what a sweep produced)."""
     config = OmegaConf.to_container(cfg, resolve=True)
-    choice, sweep = _hydra_context()
+    choice = _filter_choice()
     name = f"{choice}-{config_fingerprint(config['filter'])[:8]}"
     output = config["output"]
     selection_dir, shards_dir = f"{output}/selection/{name}", f"{output}/shards/{name}"
@@ -49,9 +45,9 @@ def run_pipeline(cfg: DictConfig) -> dict:
     if not config["tracking"]:
         filter_samples(filter_cfg)
         return shard(shard_cfg)
-    from training.tracking import mlflow_run, setup_mlflow, sweep_parent
+    from training.tracking import mlflow_run, setup_mlflow, sweep_parent_run
 
-    parent = sweep_parent(os.path.abspath(sweep), f"sweep {os.path.basename(sweep)}") if sweep else None
+    parent = sweep_parent_run()
     tags = {"pixelmill.stage": "pipeline", "data.crawl_hash": crawl_manifest["content_hash"],
             "data.meta_hash": meta_manifest["content_hash"]}
     with mlflow_run(f"pipeline {name}", config=config, tags=tags, parent_run_id=parent):

@@ -134,3 +134,35 @@ def annotated(tmp_path_factory, default_world_raw, tiny_clip):
     out = tmp_path_factory.mktemp("meta")
     manifest = annotate(stage_config("annotate", f"input={default_world_raw[0]}", f"output={out}", f"clip={tiny_clip}", "progress=false"))
     return str(out), manifest
+
+
+def write_world_shards(folder, n: int, per_shard: int, image_size: int = 48, first_index: int = 0,
+                       corrupt: tuple[int, ...] = ()) -> str:
+    """Training shards straight from the world's scenes (no crawl): `{key}.jpg` + `{key}.txt`, keys numbered
+    from `first_index`, and `sizes.json`. Samples whose number is in `corrupt` get truncated JPEG bytes."""
+    import json
+
+    from pipeline.storage import Location
+    from pipeline.tar_io import TarSampleWriter
+    from pipeline.world.render import encode_jpeg, render
+    from pipeline.world.scene import Vocabulary, caption, sample_scene
+
+    cfg = OmegaConf.load(CONF / "world" / "default.yaml")
+    vocab = Vocabulary.from_config(cfg)
+    location = Location(str(folder))
+    location.makedirs()
+    sizes = {}
+    for start in range(0, n, per_shard):
+        name = f"{start // per_shard:05d}.tar"
+        writer = TarSampleWriter(location, name)
+        for i in range(first_index + start, first_index + min(start + per_shard, n)):
+            scene = sample_scene(vocab, 0, i, 0.0)
+            image = encode_jpeg(render(scene, vocab, image_size), 90)
+            if i in corrupt:
+                image = image[: len(image) // 3]
+            writer.add({"__key__": f"{i:09d}", "jpg": image, "txt": caption(scene, phrasing=i).encode()})
+        writer.close()
+        sizes[name] = writer.samples
+    with open(f"{folder}/sizes.json", "w") as f:
+        json.dump(sizes, f)
+    return str(folder)

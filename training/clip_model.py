@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -62,3 +63,31 @@ def load_clip(folder: str, device: str | torch.device = "cpu", dtype: torch.dtyp
     except OSError:  # a folder without preprocessor_config.json: OpenAI's defaults at the model's size
         processor = image_processor_for(model.config.vision_config.image_size)
     return ClipBundle(model, tokenizer, processor)
+
+
+class ContrastiveClip(nn.Module):
+    """A CLIPModel as the contrastive losses use it: normalised embeddings plus the temperature (and, for
+    SigLIP, a learnable logit bias, which CLIPModel has no slot for and the export leaves out). Returning the
+    temperature from `forward` keeps every parameter use inside one forward call, which sharding needs."""
+
+    def __init__(self, clip: CLIPModel, logit_bias: float | None = None):
+        super().__init__()
+        self.clip = clip
+        # FSDP2 shards along dim 0 and refuses 0-d parameters: hold the temperature as shape (1,) while
+        # training; `export_state` turns it back into CLIPModel's scalar.
+        if clip.logit_scale.ndim == 0:
+            clip.logit_scale = nn.Parameter(clip.logit_scale.detach().reshape(1))
+        self.logit_bias = nn.Parameter(torch.tensor([float(logit_bias)])) if logit_bias is not None else None
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        out = self.clip(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+        bias = self.logit_bias * 1.0 if self.logit_bias is not None else None
+        return out.image_embeds, out.text_embeds, self.clip.logit_scale.squeeze(0), bias  # (N, D), (N, D), (), (1,)
+
+    def activation_checkpointing_enable(self, **kwargs) -> None:
+        self.clip.activation_checkpointing_enable(**kwargs)
+
+    @staticmethod
+    def export_state(clip_state: dict) -> dict:
+        """The CLIPModel state dict as `transformers` expects it (a scalar temperature)."""
+        return {**clip_state, "logit_scale": clip_state["logit_scale"].reshape(())}

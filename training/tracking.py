@@ -15,10 +15,14 @@ DEFAULT_EXPERIMENT = "pixelmill"
 SWEEP_TAG = "pixelmill.sweep"
 
 
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
 def setup_mlflow():
     import mlflow
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
+    mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
     return mlflow
 
@@ -46,6 +50,23 @@ def sweep_parent(sweep_id: str, name: str) -> str:
         return found[0].info.run_id
     run = client.create_run(experiment.experiment_id, run_name=name, tags={SWEEP_TAG: sweep_id})
     return run.info.run_id
+
+
+def hydra_sweep_dir() -> str | None:
+    """The multirun's folder when running as a job of a Hydra multirun, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    return os.path.abspath(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
+def sweep_parent_run() -> str | None:
+    """The MLflow run grouping this Hydra multirun (created on first use), or None outside a multirun."""
+    sweep = hydra_sweep_dir()
+    return sweep_parent(sweep, f"sweep {os.path.basename(sweep)}") if sweep else None
 
 
 @contextmanager

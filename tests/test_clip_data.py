@@ -1,0 +1,119 @@
+"""CLIP training data: every rank and loader worker reads its own samples, epochs have the planned length,
+a resumed epoch continues where it stopped, corrupt samples are dropped and counted, transforms match CLIP's."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from conftest import write_world_shards
+from training.clip_model import image_processor_for
+from training.data import ClipShardStream
+from training.shards import list_shards, next_worker, round_robin
+from training.tokenizer import train_tokenizer
+from training.transforms import EvalTransform, TrainTransform
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(["a red circle on the left", "two blue squares"], vocab_size=300, max_length=16)
+
+
+@pytest.fixture(scope="module")
+def numbered(tmp_path_factory):
+    """120 numbered samples in 8 shards of 15 (two of them corrupt)."""
+    return write_world_shards(tmp_path_factory.mktemp("numbered"), 120, 15, image_size=24, corrupt=(7, 64))
+
+
+def _stream(path, tokenizer, **kwargs):
+    settings = dict(tokenizer=tokenizer, transform=TrainTransform(16), batch_size=4, context_length=16, epoch=0,
+                    seed=0, rank=0, world=1, workers=1, resampled=False, epoch_samples=None)
+    return ClipShardStream(list_shards(path), **{**settings, **kwargs})
+
+
+def _read(stream, workers):
+    batches = list(DataLoader(stream, batch_size=None, num_workers=workers))
+    return [b["keys"] for b in batches], sum(int(b["corrupt"]) for b in batches)
+
+
+@pytest.mark.parametrize("per_shard", [15, 120])  # 8 shards ≥ 4 slots: dealt out; 1 shard: split by sample
+def test_no_rank_sees_a_sample_twice_in_an_epoch(tmp_path, tokenizer, per_shard):
+    path = write_world_shards(tmp_path, 120, per_shard, image_size=24)
+    seen, per_rank = Counter(), []
+    for epoch in (0, 1):
+        epoch_keys = Counter()
+        for rank in (0, 1):
+            keys, _ = _read(_stream(path, tokenizer, rank=rank, world=2, workers=2, epoch=epoch), workers=2)
+            per_rank.append(len(keys))
+            epoch_keys.update(k for batch in keys for k in batch)
+        assert max(epoch_keys.values()) == 1  # no duplicate within the epoch, across ranks and workers
+        seen.update(epoch_keys)
+        assert len(epoch_keys) >= 120 - 2 * 2 * 4  # at most a partial batch per slot is left out
+    assert len(set(per_rank)) == 1  # every rank runs the same number of batches (DDP needs it)
+    assert max(seen.values()) == 2  # the next epoch reads the samples again, in another order
+
+
+def test_epoch_length_in_samples_and_resampled_streams(numbered, tokenizer):
+    stream = _stream(numbered, tokenizer, resampled=True, epoch_samples=72, world=2, rank=1, workers=2)
+    keys, _ = _read(stream, workers=2)
+    assert len(keys) == 72 // (4 * 2) == len(stream)  # epoch length counted in samples over all ranks
+    other_epoch, _ = _read(_stream(numbered, tokenizer, resampled=True, epoch_samples=72, world=2, rank=1, workers=2,
+                                   epoch=1), workers=2)
+    assert keys != other_epoch
+    # Exact epochs default to the shards' size: 120 samples, minus the partial batches, over 1 rank.
+    assert len(_stream(numbered, tokenizer, workers=2)) == 2 * (60 // 4)
+
+
+def test_a_resumed_epoch_continues_where_it_stopped(numbered, tokenizer):
+    """Skipping k batches (unread) gives exactly the batches an uninterrupted epoch has after its k-th, with
+    two loader workers interleaving."""
+    full, _ = _read(_stream(numbered, tokenizer, workers=2, epoch=3), workers=2)
+    for k in (1, 5, 12):
+        resumed, _ = _read(_stream(numbered, tokenizer, workers=2, epoch=3, skip_batches=k), workers=2)
+        assert resumed == full[k:]
+
+
+def test_round_robin_matches_how_a_loader_interleaves_workers():
+    assert round_robin([3, 1, 2], 6) == [3, 1, 2]
+    assert round_robin([3, 1, 2], 4) == [2, 1, 1]  # rounds: w0 w1 w2, then w0
+    assert round_robin([3, 1, 2], 5) == [2, 1, 2]
+    assert round_robin([0, 5], 3) == [0, 3]
+    assert round_robin([2, 2], 99) == [2, 2]
+
+
+def test_corrupt_samples_are_skipped_and_counted(numbered, tokenizer):
+    """Two of 120 samples are truncated JPEGs: both dropped and counted, never a crash. The epoch still has
+    its planned 120 batches (ranks must stay in step), so the two short workers top up from their own
+    shards' next pass."""
+    keys, corrupt = _read(_stream(numbered, tokenizer, workers=2, batch_size=1), workers=2)
+    flat = [k for batch in keys for k in batch]
+    assert "000000007" not in flat and "000000064" not in flat
+    assert len(flat) == 120 and len(set(flat)) == 118
+    assert corrupt >= 2  # the top-up pass may meet them again
+
+
+def test_transforms_match_clip_preprocessing(tokenizer):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    ours = EvalTransform(32)(image)
+    theirs = torch.as_tensor(np.asarray(image_processor_for(32)(image)["pixel_values"][0]))
+    assert ours.shape == theirs.shape == (3, 32, 32)
+    assert (ours - theirs).abs().mean() < 0.05  # same resize, crop and normalisation up to resampling detail
+    crop = TrainTransform(32, scale=(0.5, 0.5))
+    left, top, right, bottom = crop.crop_box(60, 40, np.random.default_rng(1))
+    assert abs((right - left) * (bottom - top) / 2400 - 0.5) < 0.05
+    a, b = (crop(image, np.random.default_rng(seed)) for seed in (1, 1))
+    assert torch.equal(a, b) and a.shape == (3, 32, 32)  # the same seed, the same augmentation
+    with pytest.raises(Exception):
+        Image.open(io.BytesIO(b"not an image"))
+
+
+def test_next_worker_follows_the_interleaving():
+    order = [0, 1, 2, 0, 2, 0]  # counts [3, 1, 2]: w0 w1 w2 | w0 w2 | w0
+    assert [next_worker([3, 1, 2], k) for k in range(6)] == order

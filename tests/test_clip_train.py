@@ -1,0 +1,165 @@
+"""CLIP training end to end on world shards: a tiny model overfits 64 pairs; DDP and FSDP over 2 real
+processes follow the single-process loss; kill -9 then the same command resumes; the export is a
+transformers folder; bad input ends in one line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import torch
+from transformers import CLIPModel
+
+from conftest import ROOT, stage_config, write_world_shards
+from training.clip_model import ContrastiveClip, load_clip
+from training.data import ClipShardStream
+from training.shards import list_shards
+from training.train import train
+from training.transforms import EvalTransform
+
+# Sixty-four pairs, one shard, no shuffling or cropping: every run sees the same batches in the same order.
+SAME_DATA = ["data.num_workers=0", "data.shuffle_buffer=0", "data.crop_scale=[1,1]", "trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def pairs64(tmp_path_factory):
+    return write_world_shards(tmp_path_factory.mktemp("pairs64"), 64, 64, image_size=32)
+
+
+def _command(*overrides: str) -> list[str]:
+    return [sys.executable, "-m", "training.train", *overrides]
+
+
+def _env(tracking_uri: str) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
+
+
+def _losses(tracking_uri: str) -> list[float]:
+    client = mlflow.MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("pixelmill").experiment_id])
+    return [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
+
+
+def _embed(model: CLIPModel, bundle_tokenizer, shards: str, context_length: int):
+    stream = ClipShardStream(list_shards(shards), tokenizer=bundle_tokenizer, transform=EvalTransform(32), batch_size=64,
+                             context_length=context_length, epoch=0, seed=0, rank=0, world=1, workers=1,
+                             resampled=False, epoch_samples=None, shuffle_buffer=0)
+    batch = next(iter(stream))
+    with torch.no_grad():
+        out = model.eval()(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return out.image_embeds, out.text_embeds
+
+
+def test_tiny_clip_overfits_64_pairs_and_exports_a_transformers_folder(pairs64, tmp_path):
+    out = tmp_path / "run"
+    cfg = stage_config("train", f"data.path={pairs64}", f"output={out}", "data.batch_size=64", "trainer.max_steps=150",
+                       "tracking=false", "module.optimizer.lr=2e-3", "module.warmup_steps=10", "module.weight_decay=0",
+                       "checkpoint_every=50", *SAME_DATA)
+    train(cfg)
+    bundle = load_clip(str(out / "clip"))
+    image, text = _embed(bundle.model, bundle.tokenizer, pairs64, bundle.context_length)
+    similarity = image @ text.T
+    target = torch.arange(64)
+    assert (similarity.argmax(1) == target).float().mean() == 1.0  # image → text retrieval
+    assert (similarity.argmax(0) == target).float().mean() == 1.0  # text → image
+    # The export holds exactly the trained weights: same embeddings as the last checkpoint's model.
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)  # our own file
+    assert checkpoint["global_step"] == 150
+    state = {k.removeprefix("net.clip."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.clip.")}
+    reference = CLIPModel(bundle.model.config)
+    reference.load_state_dict(ContrastiveClip.export_state(state))
+    ref_image, ref_text = _embed(reference, bundle.tokenizer, pairs64, bundle.context_length)
+    assert torch.allclose(image, ref_image, atol=1e-6) and torch.allclose(text, ref_text, atol=1e-6)
+    assert CLIPModel.from_pretrained(str(out / "clip")).logit_scale.exp() <= 100.0
+
+
+def test_ddp_and_fsdp_follow_the_single_process_loss(pairs64, tmp_path):
+    """Global batch 16 for 8 steps: one process × 16, and 2 processes × 8 under DDP and FSDP2 (gloo on CPU).
+    Each rank's share of a batch is every other sample of the single run's batch, so the global batches are
+    the same sets and the loss is the same function; only float summation order differs (measured: ≤ 2e-6
+    after 8 AdamW steps), so 1e-4 leaves room for other CPUs while any real mismatch (a missing gather, a
+    wrong average: ≥ 1e-2) fails."""
+    common = [f"data.path={pairs64}", "trainer.max_steps=8", "trainer.log_every_n_steps=1", "checkpoint_every=100",
+              "module.warmup_steps=2", *SAME_DATA]
+    single_uri = f"sqlite:///{tmp_path}/single.db"
+    subprocess.run(_command(*common, "data.batch_size=16", f"output={tmp_path}/single", f"hydra.run.dir={tmp_path}/h0"),
+                   env=_env(single_uri), check=True, capture_output=True, cwd=ROOT)
+    reference = _losses(single_uri)
+    assert len(reference) == 8
+    for strategy in ("ddp", "fsdp"):
+        uri = f"sqlite:///{tmp_path}/{strategy}.db"
+        result = subprocess.run(_command(*common, f"trainer={strategy}", "data.batch_size=8", f"output={tmp_path}/{strategy}",
+                                         f"hydra.run.dir={tmp_path}/h_{strategy}"),
+                                env=_env(uri), capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "2 process(es)" in result.stdout
+        losses = _losses(uri)
+        assert len(losses) == 8
+        assert max(abs(a - b) for a, b in zip(losses, reference)) <= 1e-4, (strategy, losses, reference)
+        assert os.path.exists(f"{tmp_path}/{strategy}/clip/model.safetensors")
+    assert reference[-1] < reference[0]  # and it learns
+
+
+def test_kill_9_then_the_same_command_resumes_to_the_same_final_step(tmp_path):
+    shards = write_world_shards(tmp_path / "shards", 160, 20, image_size=32, corrupt=(3,))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    command = _command(f"data.path={shards}", f"output={tmp_path}/run", "data.batch_size=8", "data.num_workers=2",
+                       "data.val_shards=1", "trainer.max_steps=400", "checkpoint_every=10", "trainer.log_every_n_steps=5",
+                       "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}/hydra")
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    process = subprocess.Popen(command, env=_env(uri), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 90
+    while time.time() < deadline and not (last.exists() and torch.load(last, weights_only=False)["global_step"] >= 30):
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(last, weights_only=False)["global_step"]
+    assert 30 <= killed_at < 400
+    result = subprocess.run(command, env=_env(uri), cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 400 (resumed)" in result.stdout
+    assert torch.load(last, weights_only=False)["global_step"] == 400
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("pixelmill").experiment_id])  # one run, continued
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert max(steps) == 399 and min(steps) < killed_at
+    corrupt = client.get_metric_history(run.info.run_id, "data/corrupt_skipped")
+    assert max(m.value for m in corrupt) >= 1  # the truncated JPEG was met, skipped and counted
+    assert run.data.params["data.batch_size"] == "8" and "val/loss" in run.data.metrics
+    assert float(run.data.metrics["train/device/samples_per_sec"]) > 0
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, pairs64):
+    for args, needle in ((["data.path=/nonexistent/shards"], "/nonexistent/shards"),
+                         ([f"data.path={pairs64}", "model=clip_pretrained", "model.path=/no/such/model"], "/no/such/model")):
+        result = subprocess.run(_command(*args, f"output={tmp_path}/bad", "tracking=false", f"hydra.run.dir={tmp_path}/h"),
+                                env=_env("sqlite:///unused.db"), cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 2
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and needle in errors[0]
+
+
+def test_siglip_bf16_checkpointing_and_accumulation_run(pairs64, tmp_path):
+    """The other recipe switches together: SigLIP (learnable bias), bf16 autocast, activation checkpointing,
+    gradient accumulation; the bias and temperature start where SigLIP says and are logged."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        cfg = stage_config("train", f"data.path={pairs64}", f"output={tmp_path}/run", "loss=siglip", "trainer.precision=bf16-mixed",
+                           "module.gradient_checkpointing=true", "trainer.accumulate_grad_batches=2", "data.batch_size=16",
+                           "trainer.max_steps=3", "trainer.log_every_n_steps=1", *SAME_DATA)
+        loss = train(cfg)
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("pixelmill").experiment_id])
+    assert run.data.metrics["train/logit_bias"] == pytest.approx(-10.0, abs=0.05)
+    assert run.data.metrics["train/logit_scale"] == pytest.approx(10.0, abs=0.5)
+    assert run.data.metrics["train/batches"] == 6  # 3 steps × 2 accumulated batches
+    assert 0 < loss < 50

@@ -1,0 +1,53 @@
+"""`ExportClip`: after every validation and at the end of training, the model as a `transformers` folder
+(`CLIPModel.from_pretrained`) with its tokenizer and image processor, replaced atomically so a reader never
+sees half of one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytorch_lightning as pl
+import torch
+from transformers import CLIPModel
+
+from training.clip_model import ClipBundle, ContrastiveClip, image_processor_for, save_clip
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state on CPU of rank 0, gathered from shards under FSDP. Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+class ExportClip(pl.Callback):
+    def __init__(self, folder: str, tokenizer):
+        self.folder, self.tokenizer = folder, tokenizer
+        self.exports = 0
+
+    def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        clip = pl_module.net.clip
+        # Gathered from the root that FSDP sharded (ContrastiveClip), then the CLIPModel's part of it.
+        whole = full_state_dict(pl_module.net)  # on rank 0 only: the others get an empty dict
+        if trainer.is_global_zero:
+            state = ContrastiveClip.export_state({k.removeprefix("clip."): v for k, v in whole.items() if k.startswith("clip.")})
+            with torch.device("meta"):
+                fresh = CLIPModel(clip.config)
+            fresh.load_state_dict(state, assign=True)
+            staging = f"{self.folder}.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            processor = image_processor_for(clip.config.vision_config.image_size)
+            save_clip(staging, ClipBundle(fresh, self.tokenizer, processor))
+            if os.path.exists(self.folder):
+                shutil.rmtree(self.folder)
+            os.replace(staging, self.folder)
+            self.exports += 1
+        trainer.strategy.barrier("export")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.export(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.export(trainer, pl_module)

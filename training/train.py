@@ -1,0 +1,140 @@
+"""`python -m training.train task=clip data.path=<shards> output=<dir> [trainer=cpu|ddp|fsdp] [model=…] [any option]`
+
+`train(cfg)` reads as a checklist: data → tokenizer → model → module → callbacks → logger → trainer → fit.
+The same command resumes: with `<output>/checkpoints/last.ckpt` present, training continues from there
+(model, optimizer, schedule, data position), logging into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint, ThroughputMonitor
+from pytorch_lightning.utilities import rank_zero_only
+
+from training.clip_model import ContrastiveClip, load_clip
+from training.errors import UserError, run_command
+from training.export import ExportClip
+from training.tokenizer import load_tokenizer, train_tokenizer
+from training.tracking import DEFAULT_EXPERIMENT, flatten, sweep_parent_run, tracking_uri
+
+LAST_CHECKPOINT = "checkpoints/last.ckpt"
+
+
+def prepare_tokenizer(cfg: DictConfig, datamodule, output: str):
+    """The run's tokenizer: a given path, else the one this run saved before (a resume, or another rank),
+    else trained on the training captions and saved under `<output>/tokenizer`."""
+    saved = os.path.join(output, "tokenizer")
+    if cfg.tokenizer.path:
+        return load_tokenizer(cfg.tokenizer.path)
+    if os.path.exists(os.path.join(saved, "tokenizer.json")):
+        return load_tokenizer(saved)
+    captions = datamodule.captions(cfg.tokenizer.max_captions)
+    tokenizer = train_tokenizer(captions, vocab_size=cfg.tokenizer.vocab_size, max_length=cfg.tokenizer.context_length)
+    if rank_zero_only.rank == 0:
+        tokenizer.save_pretrained(saved)
+    return tokenizer
+
+
+def build_model(cfg: DictConfig, datamodule, output: str, loss) -> tuple[ContrastiveClip, object]:
+    """(model, tokenizer): a CLIP folder to fine-tune (`model.path`), or a fresh one from the model config."""
+    bias = getattr(loss, "init_logit_bias", None)
+    if cfg.model.get("path"):
+        if not os.path.exists(os.path.join(cfg.model.path, "config.json")):
+            raise UserError(f"model.path={cfg.model.path} is not a transformers CLIP folder (no config.json)")
+        bundle = load_clip(cfg.model.path)
+        tokenizer = load_tokenizer(cfg.tokenizer.path) if cfg.tokenizer.path else bundle.tokenizer
+        return ContrastiveClip(bundle.model.train(), logit_bias=bias), tokenizer
+    tokenizer = prepare_tokenizer(cfg, datamodule, output)
+    init_scale = getattr(loss, "init_logit_scale", None)
+    clip = instantiate(cfg.model, tokenizer=tokenizer, **({"logit_scale_init": init_scale} if init_scale is not None else {}))
+    return ContrastiveClip(clip, logit_bias=bias), tokenizer
+
+
+def mlflow_logger(cfg: DictConfig, output: str):
+    """MLflow through Lightning's logger; a resumed run logs into the run it started, and a job of a Hydra
+    multirun is a child of the sweep's run."""
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    run_file = os.path.join(output, "mlflow_run.json")
+    previous = json.load(open(run_file))["run_id"] if os.path.exists(run_file) else None
+    tags = {"pixelmill.task": cfg.task_name, "pixelmill.output": os.path.abspath(output)}
+    manifest = os.path.join(str(cfg.data.path), "manifest.json")
+    if os.path.exists(manifest):
+        tags["pixelmill.data_hash"] = json.load(open(manifest)).get("content_hash", "")
+    tags["pixelmill.data_path"] = str(cfg.data.path)
+    if previous is None and rank_zero_only.rank == 0:
+        parent = sweep_parent_run()
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+    logger = MLFlowLogger(experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT,
+                          run_name=f"{cfg.task_name} {os.path.basename(os.path.abspath(output))}",
+                          tracking_uri=tracking_uri(), tags=tags, run_id=previous)
+    if rank_zero_only.rank == 0:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        if previous is None:
+            logger.log_hyperparams(flatten(resolved))
+            logger.experiment.log_dict(logger.run_id, resolved, "config.json")
+            with open(run_file, "w") as f:
+                json.dump({"run_id": logger.run_id}, f)
+    return logger
+
+
+def train(cfg: DictConfig) -> float:
+    """Train, export, and return the metric a sweep compares (validation loss, else training loss)."""
+    output = str(cfg.output)
+    os.makedirs(output, exist_ok=True)
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    datamodule = instantiate(cfg.data)
+    loss = instantiate(cfg.loss)
+    model, tokenizer = build_model(cfg, datamodule, output, loss)
+    clip_config = model.clip.config
+    datamodule.attach(tokenizer, clip_config.vision_config.image_size, clip_config.text_config.max_position_embeddings)
+    module = instantiate(cfg.module, model=model, loss=loss)
+
+    export = ExportClip(os.path.join(output, "clip"), tokenizer)
+    callbacks = [
+        ModelCheckpoint(dirpath=os.path.join(output, "checkpoints"), every_n_train_steps=int(cfg.checkpoint_every),
+                        save_last=True, save_top_k=0),
+        export,
+        ThroughputMonitor(batch_size_fn=lambda batch: batch["pixel_values"].shape[0], window_size=int(cfg.throughput_window),
+                          separator="/"),
+        *(instantiate(c) for c in (cfg.get("callbacks") or {}).values()),  # e.g. zero-shot eval (evaluation/)
+    ]
+    logger = mlflow_logger(cfg, output) if cfg.tracking else False
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=output)
+
+    last = os.path.join(output, LAST_CHECKPOINT)
+    resume = last if os.path.exists(last) else None
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    seconds = time.perf_counter() - started
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        steps = trainer.global_step - module.start_step
+        samples = steps * datamodule.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        print(f"\ntrained {cfg.task_name}: step {trainer.global_step}{' (resumed)' if resume else ''}, "
+              f"{trainer.world_size} process(es), {seconds:.1f} s")
+        for name in ("train/loss", "val/loss", "val/image_to_text_r1", "val/text_to_image_r1", "data/corrupt_skipped"):
+            if name in metrics:
+                print(f"  {name:<24} {metrics[name]:.4f}")
+        print(f"  {'samples/s (incl. start)':<24} {samples / max(seconds, 1e-9):.1f}")
+        print(f"  export: {export.folder}")
+    return metrics.get("val/loss", metrics.get("train/loss", float("nan")))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    return run_command(train, cfg)
+
+
+if __name__ == "__main__":
+    main()
