@@ -51,6 +51,7 @@ def _rank(rank: int, world: int, init: str, results: dict) -> None:
             dist.all_reduce(g)
         if rank == 0:
             results[name] = (loss / world, [g / world for g in grads])
+    dist.barrier()  # neither process tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 
