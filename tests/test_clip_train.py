@@ -163,3 +163,24 @@ def test_siglip_bf16_checkpointing_and_accumulation_run(pairs64, tmp_path):
     assert run.data.metrics["train/logit_scale"] == pytest.approx(10.0, abs=0.5)
     assert run.data.metrics["train/batches"] == 6  # 3 steps × 2 accumulated batches
     assert 0 < loss < 50
+
+
+def test_fine_tuning_a_clip_folder_keeps_its_tokenizer_and_decays_only_matrices(pairs64, tiny_clip, tmp_path):
+    from training.clip_module import decay_groups
+
+    start = load_clip(tiny_clip)
+    net = ContrastiveClip(start.model)
+    decay, rest = decay_groups(net, 0.2)
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert all(names[id(p)].endswith("weight") and p.ndim >= 2 and "embedding." not in names[id(p)].replace("patch_embedding.", "")
+               for p in decay["params"])
+    undecayed = {names[id(p)] for p in rest["params"]}
+    assert {"clip.logit_scale", "clip.text_model.embeddings.token_embedding.weight",
+            "clip.vision_model.embeddings.position_embedding.weight", "clip.text_model.final_layer_norm.weight"} <= undecayed
+    cfg = stage_config("train", f"data.path={pairs64}", f"output={tmp_path}/run", "model=clip_pretrained",
+                       f"model.path={tiny_clip}", "trainer.max_steps=2", "tracking=false", "data.batch_size=16", *SAME_DATA)
+    train(cfg)
+    tuned = load_clip(f"{tmp_path}/run/clip")
+    assert tuned.tokenizer.get_vocab() == start.tokenizer.get_vocab()
+    before = load_clip(tiny_clip).model.text_projection.weight
+    assert not torch.equal(tuned.model.text_projection.weight, before)  # it trained
