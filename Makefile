@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install test demo bench bench-curate bench-train clean
+.PHONY: install test demo bench bench-curate bench-train bench-eval clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ bench-curate: $(STAMP)
 
 bench-train: $(STAMP)
 	$(PY) bench/train_clip.py $(ARGS)
+
+bench-eval: $(STAMP)
+	$(PY) bench/eval.py $(ARGS)
 
 clean:
 	rm -rf data outputs multirun bench/out

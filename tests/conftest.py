@@ -6,7 +6,10 @@ import glob
 import ipaddress
 import os
 import socket
+import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -91,10 +94,15 @@ def world_lists(world, world_server, tmp_path_factory):
     return urls, truth
 
 
-def stage_config(name: str, *overrides: str):
-    """A stage's real config from conf/, with overrides."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+def stage_config(name: str, *overrides: str, folder: Path = CONF):
+    """A stage's real config from conf/ (or a folder of it), with overrides."""
+    with initialize_config_dir(config_dir=str(folder), version_base="1.3"):
         return compose(name, overrides=list(overrides))
+
+
+def eval_config(*overrides: str):
+    """conf/evaluation/eval.yaml, as `python -m evaluation.run` composes it."""
+    return stage_config("eval", *overrides, folder=CONF / "evaluation")
 
 
 @pytest.fixture(scope="session")
@@ -137,7 +145,7 @@ def annotated(tmp_path_factory, default_world_raw, tiny_clip):
 
 
 def write_world_shards(folder, n: int, per_shard: int, image_size: int = 48, first_index: int = 0,
-                       corrupt: tuple[int, ...] = ()) -> str:
+                       corrupt: tuple[int, ...] = (), **world) -> str:
     """Training shards straight from the world's scenes (no crawl): `{key}.jpg` + `{key}.txt`, keys numbered
     from `first_index`, and `sizes.json`. Samples whose number is in `corrupt` get truncated JPEG bytes."""
     import json
@@ -148,6 +156,8 @@ def write_world_shards(folder, n: int, per_shard: int, image_size: int = 48, fir
     from pipeline.world.scene import Vocabulary, caption, sample_scene
 
     cfg = OmegaConf.load(CONF / "world" / "default.yaml")
+    for key, value in world.items():
+        OmegaConf.update(cfg, key, value, merge=False)  # replace: a smaller palette drops the other colours
     vocab = Vocabulary.from_config(cfg)
     location = Location(str(folder))
     location.makedirs()
@@ -166,3 +176,28 @@ def write_world_shards(folder, n: int, per_shard: int, image_size: int = 48, fir
     with open(f"{folder}/sizes.json", "w") as f:
         json.dump(sizes, f)
     return str(folder)
+
+
+@contextmanager
+def mlflow_server(folder: Path):
+    """A real `mlflow server` on 127.0.0.1 (sqlite store and artifacts under `folder`); yields its URI."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{folder}/server.db", "--workers", "1",
+                               "--artifacts-destination", str(folder / "artifacts")],
+                              cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(server.pid, 9)
+        server.wait(timeout=30)

@@ -6,14 +6,12 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import stage_config
+from conftest import mlflow_server, stage_config
 from pipeline.filter.run import filter_samples
 
 
@@ -50,31 +48,11 @@ def test_multirun_sweep_annotates_once_and_nests_runs(world_lists, tiny_clip, tm
     assert set(children["params.filter.clip_score.min"]) == {"-0.1", "0.0", "0.05"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_filter_logs_to_a_real_mlflow_server(annotated, tmp_path, monkeypatch):
     import mlflow
 
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--workers", "1",
-                               "--artifacts-destination", str(tmp_path / "artifacts")],
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
-        uri = f"http://127.0.0.1:{port}"
+    with mlflow_server(tmp_path) as uri:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         meta_dir, _ = annotated
         manifest = filter_samples(stage_config("filtering", f"input={meta_dir}", f"output={tmp_path / 'sel'}"))
@@ -84,6 +62,3 @@ def test_filter_logs_to_a_real_mlflow_server(annotated, tmp_path, monkeypatch):
         assert runs["tags.data.meta_hash"].iloc[0] == manifest["input_content_hash"]
         png = mlflow.artifacts.download_artifacts(run_id=runs["run_id"].iloc[0], artifact_path="filter/funnel.png", dst_path=str(tmp_path / "dl"))
         assert open(png, "rb").read(4) == b"\x89PNG"
-    finally:
-        os.killpg(server.pid, 9)
-        server.wait(timeout=30)

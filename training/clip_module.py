@@ -19,12 +19,10 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from training.clip_model import ContrastiveClip
 from training.parallelize import parallelize
 
-NO_DECAY_TYPES = (nn.Embedding, nn.LayerNorm)
-
-
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and convolutions only: not on gains, biases, embeddings, the temperature."""
-    no_decay = {id(p) for m in model.modules() if isinstance(m, NO_DECAY_TYPES) for p in m.parameters(recurse=False)}
+    """Weight decay on matrices and convolutions only: not on gains, biases, embeddings, the temperature
+    (the 1-d ones by their shape, embedding tables by their module)."""
+    no_decay = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
     decay, rest = [], []
     for param in model.parameters():
         if not param.requires_grad:

@@ -21,23 +21,31 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def gather_clip(trainer: pl.Trainer, pl_module: pl.LightningModule) -> CLIPModel | None:
+    """The model being trained as a plain CLIPModel on rank 0's CPU (None elsewhere), whatever the strategy:
+    gathered from the root that FSDP sharded (ContrastiveClip), then the CLIPModel's part of it. Every rank
+    must call it."""
+    config = pl_module.net.clip.config
+    whole = full_state_dict(pl_module.net)  # on rank 0 only: the others get an empty dict
+    if not trainer.is_global_zero:
+        return None
+    state = ContrastiveClip.export_state({k.removeprefix("clip."): v for k, v in whole.items() if k.startswith("clip.")})
+    fresh = CLIPModel(config)  # on CPU, not meta: non-persistent buffers (position ids) are not in `state`
+    fresh.load_state_dict(state)
+    return fresh.eval()
+
+
 class ExportClip(pl.Callback):
     def __init__(self, folder: str, tokenizer):
         self.folder, self.tokenizer = folder, tokenizer
         self.exports = 0
 
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        clip = pl_module.net.clip
-        # Gathered from the root that FSDP sharded (ContrastiveClip), then the CLIPModel's part of it.
-        whole = full_state_dict(pl_module.net)  # on rank 0 only: the others get an empty dict
-        if trainer.is_global_zero:
-            state = ContrastiveClip.export_state({k.removeprefix("clip."): v for k, v in whole.items() if k.startswith("clip.")})
-            with torch.device("meta"):
-                fresh = CLIPModel(clip.config)
-            fresh.load_state_dict(state, assign=True)
+        fresh = gather_clip(trainer, pl_module)
+        if fresh is not None:
             staging = f"{self.folder}.tmp"
             shutil.rmtree(staging, ignore_errors=True)
-            processor = image_processor_for(clip.config.vision_config.image_size)
+            processor = image_processor_for(fresh.config.vision_config.image_size)
             save_clip(staging, ClipBundle(fresh, self.tokenizer, processor))
             if os.path.exists(self.folder):
                 shutil.rmtree(self.folder)

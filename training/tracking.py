@@ -1,7 +1,8 @@
 """MLflow for every command: where runs go, and the few things every run logs.
 
 The default store is `sqlite:///mlflow.db` in the working directory; `MLFLOW_TRACKING_URI` points elsewhere
-(a team server). Runs land in the experiment named by `MLFLOW_EXPERIMENT_NAME`, else "pixelmill".
+(a team server). Runs land in the experiment named by `MLFLOW_EXPERIMENT_NAME`, else one experiment per
+task (`pixelmill-clip`, `pixelmill-zeroshot`, …), else "pixelmill" (the data pipeline).
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
-def setup_mlflow():
+def experiment_name(task: str | None = None) -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or (f"{DEFAULT_EXPERIMENT}-{task}" if task else DEFAULT_EXPERIMENT)
+
+
+def setup_mlflow(task: str | None = None):
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+    mlflow.set_experiment(experiment_name(task))
     return mlflow
 
 
@@ -39,12 +44,12 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
     return {k: v[:6000] for k, v in out.items()}
 
 
-def sweep_parent(sweep_id: str, name: str) -> str:
+def sweep_parent(sweep_id: str, name: str, task: str | None = None) -> str:
     """The run that groups a Hydra multirun: found by its tag, created by the first job that asks. Every
     launcher works, because no job needs to have started it."""
-    mlflow = setup_mlflow()
+    mlflow = setup_mlflow(task)
     client = mlflow.MlflowClient()
-    experiment = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+    experiment = mlflow.get_experiment_by_name(experiment_name(task))
     found = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}'", max_results=1)
     if found:
         return found[0].info.run_id
@@ -63,17 +68,18 @@ def hydra_sweep_dir() -> str | None:
     return os.path.abspath(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
 
 
-def sweep_parent_run() -> str | None:
+def sweep_parent_run(task: str | None = None) -> str | None:
     """The MLflow run grouping this Hydra multirun (created on first use), or None outside a multirun."""
     sweep = hydra_sweep_dir()
-    return sweep_parent(sweep, f"sweep {os.path.basename(sweep)}") if sweep else None
+    return sweep_parent(sweep, f"sweep {os.path.basename(sweep)}", task) if sweep else None
 
 
 @contextmanager
-def mlflow_run(name: str, config: dict | None = None, tags: dict | None = None, parent_run_id: str | None = None):
+def mlflow_run(name: str, config: dict | None = None, tags: dict | None = None, parent_run_id: str | None = None,
+               task: str | None = None):
     """A run logging the resolved config (as params and as `config.json`); nested under the active run if
     there is one, or under `parent_run_id`."""
-    mlflow = setup_mlflow()
+    mlflow = setup_mlflow(task)
     nested = mlflow.active_run() is not None
     with mlflow.start_run(run_name=name, nested=nested, parent_run_id=None if nested else parent_run_id, tags=tags) as run:
         if config is not None:

@@ -22,7 +22,7 @@ from training.clip_model import ContrastiveClip, load_clip
 from training.errors import UserError, run_command
 from training.export import ExportClip
 from training.tokenizer import load_tokenizer, train_tokenizer
-from training.tracking import DEFAULT_EXPERIMENT, flatten, sweep_parent_run, tracking_uri
+from training.tracking import experiment_name, flatten, sweep_parent_run, tracking_uri
 
 LAST_CHECKPOINT = "checkpoints/last.ckpt"
 
@@ -70,10 +70,10 @@ def mlflow_logger(cfg: DictConfig, output: str):
         tags["pixelmill.data_hash"] = json.load(open(manifest)).get("content_hash", "")
     tags["pixelmill.data_path"] = str(cfg.data.path)
     if previous is None and rank_zero_only.rank == 0:
-        parent = sweep_parent_run()
+        parent = sweep_parent_run(cfg.task_name)
         if parent:
             tags["mlflow.parentRunId"] = parent
-    logger = MLFlowLogger(experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT,
+    logger = MLFlowLogger(experiment_name=experiment_name(cfg.task_name),
                           run_name=f"{cfg.task_name} {os.path.basename(os.path.abspath(output))}",
                           tracking_uri=tracking_uri(), tags=tags, run_id=previous)
     if rank_zero_only.rank == 0:
