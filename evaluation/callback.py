@@ -30,7 +30,6 @@ class ZeroShotCallback(pl.Callback):
         self.every_n_steps, self.batch_size, self.num_workers = int(every_n_steps), int(batch_size), int(num_workers)
         self.at_end = bool(at_end)
         self.last_step = -1
-        self.history: list[dict] = []  # what rank 0 measured, for whoever holds the callback
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step == self.last_step:
@@ -46,7 +45,6 @@ class ZeroShotCallback(pl.Callback):
                 result = zeroshot_classification(encoder, eval_set, eval_set.classnames, self.templates[name],
                                                  self.batch_size, self.num_workers, progress=False)
                 metrics.update({f"zeroshot/{name}/{k}": v for k, v in result["metrics"].items()})
-            self.history.append({"step": trainer.global_step, **metrics})
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
         trainer.strategy.barrier("zeroshot")

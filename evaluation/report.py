@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from training.tracking import mlflow_run, setup_mlflow, sweep_parent_run
+from training.tracking import mlflow_run, sweep_parent_run
 
 
 def per_class_table(classnames: list[str], result: dict) -> dict[str, list]:
@@ -47,7 +47,8 @@ def log_evaluation(record: dict, config: dict, tables: dict, figures: dict, tags
     name = f"{task} {record['dataset']}"
     with mlflow_run(name, config=config, tags={**tags, "pixelmill.task": task}, parent_run_id=sweep_parent_run(task),
                     task=task) as run:
-        mlflow = setup_mlflow(task)
+        import mlflow  # configured by mlflow_run
+
         mlflow.log_metrics({k: v for k, v in record["metrics"].items() if not math.isnan(v)})
         mlflow.log_metric("samples", record["samples"])
         for artifact, table in tables.items():

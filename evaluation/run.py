@@ -18,15 +18,10 @@ from evaluation.datasets import EvalSet
 from evaluation.report import confusion_figure, log_evaluation, per_class_table, print_summary
 from evaluation.templates import resolve_templates
 from evaluation.zeroshot import ClipEncoder, retrieval, zeroshot_classification
-from training.clip_model import load_clip
+from training.clip_model import load_clip, require_clip_folder
 from training.errors import UserError, run_command
 
 TASKS = ("zeroshot", "retrieval")
-
-
-def check_model(model: str) -> None:
-    if not os.path.exists(os.path.join(model, "config.json")):
-        raise UserError(f"model={model} is not a transformers CLIP folder (no config.json there)")
 
 
 def lineage(model: str, eval_set: EvalSet) -> dict:
@@ -47,7 +42,7 @@ def evaluate(cfg: DictConfig) -> dict:
         raise UserError(f"task={cfg.task} is not one of {', '.join(TASKS)}")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     classify = cfg.task == "zeroshot"
-    check_model(str(cfg.model))  # both checked before the model is loaded: bad input fails in a second
+    require_clip_folder(str(cfg.model))  # both checked before the model is loaded: bad input fails in a second
     eval_set = EvalSet.open(str(cfg.dataset), cfg.split, need_classnames=classify and not cfg.classnames)
     encoder = ClipEncoder.from_bundle(load_clip(str(cfg.model)), device)
     tables, figures = {}, {}

@@ -3,7 +3,6 @@ a resumed epoch continues where it stopped, corrupt samples are dropped and coun
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 
 import numpy as np
@@ -110,8 +109,6 @@ def test_transforms_match_clip_preprocessing(tokenizer):
     assert abs((right - left) * (bottom - top) / 2400 - 0.5) < 0.05
     a, b = (crop(image, np.random.default_rng(seed)) for seed in (1, 1))
     assert torch.equal(a, b) and a.shape == (3, 32, 32)  # the same seed, the same augmentation
-    with pytest.raises(Exception):
-        Image.open(io.BytesIO(b"not an image"))
 
 
 def test_next_worker_follows_the_interleaving():

@@ -53,7 +53,7 @@ def test_world_clip_beats_chance_and_the_callback_agrees_with_the_command(traine
     colour = results["colour"]["metrics"]
     print("world zero-shot:", {a: r["metrics"] for a, r in results.items()})
     assert colour["acc1"] >= 0.6  # 6 classes: chance is 0.17 (measured 0.84)
-    assert results["shape"]["metrics"]["acc1"] >= 0.0 and results["shape"]["samples"] == 300
+    assert results["shape"]["samples"] == 300  # shape is printed, not asserted: see the issue note
     # The training run holds the callback's numbers at steps 100, 200 and 300, and the last equal the command's.
     client = mlflow.MlflowClient(trained["uri"])
     (run,) = client.search_runs([client.get_experiment_by_name("pixelmill-clip").experiment_id])

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from training.errors import UserError
 
 # OpenAI CLIP's normalisation; kept so that our folders and the Hub's agree on what a pixel means.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -51,6 +54,12 @@ def save_clip(folder: str, bundle: ClipBundle) -> None:
     bundle.model.save_pretrained(folder)  # safetensors
     bundle.tokenizer.save_pretrained(folder)
     bundle.image_processor.save_pretrained(folder)
+
+
+def require_clip_folder(folder: str, option: str = "model") -> None:
+    """A clear one-line error for a path that is not a CLIP folder, before anything heavy is loaded."""
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise UserError(f"{option}={folder} is not a transformers CLIP folder (no config.json there)")
 
 
 def load_clip(folder: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> ClipBundle:

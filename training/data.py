@@ -152,7 +152,7 @@ class ClipDataModule(pl.LightningDataModule):
         self.shuffle_buffer, self.shuffle_initial, self.seed = shuffle_buffer, shuffle_initial, int(seed)
         self.crop_scale, self.flip = tuple(crop_scale), bool(flip)
         self.image_keys, self.caption_key = image_keys, caption_key
-        self.train_shards, self.val_shards_list = self._split()
+        self.train_shards, self.validation_shards = self._split()
         self.tokenizer, self.image_size, self.context_length = None, None, None
         self._resume: dict | None = None  # from a checkpoint: {"epoch", "batches"}
         self._trained = {"epoch": -1, "batches": 0}
@@ -192,7 +192,7 @@ class ClipDataModule(pl.LightningDataModule):
                                    batch_size=self.batch_size, epoch=epoch, resampled=self.resampled,
                                    epoch_samples=self.epoch_samples, skip_batches=skip,
                                    shuffle_buffer=self.shuffle_buffer, shuffle_initial=self.shuffle_initial, **common)
-        shards = self.val_shards_list
+        shards = self.validation_shards
         batch = max(1, min(self.batch_size, shards.samples // (world * workers)))
         return ClipShardStream(shards, transform=EvalTransform(self.image_size), batch_size=batch, epoch=0,
                                resampled=False, epoch_samples=None, shuffle_buffer=0, **common)
@@ -207,7 +207,7 @@ class ClipDataModule(pl.LightningDataModule):
         return EpochLoader(self, train=True)
 
     def val_dataloader(self):
-        return EpochLoader(self, train=False) if self.val_shards_list else []
+        return EpochLoader(self, train=False) if self.validation_shards else []
 
     # Resume position: counted as batches reach the model, saved in checkpoints by Lightning.
     def on_before_batch_transfer(self, batch, dataloader_idx: int):

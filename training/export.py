@@ -38,7 +38,6 @@ def gather_clip(trainer: pl.Trainer, pl_module: pl.LightningModule) -> CLIPModel
 class ExportClip(pl.Callback):
     def __init__(self, folder: str, tokenizer):
         self.folder, self.tokenizer = folder, tokenizer
-        self.exports = 0
 
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         fresh = gather_clip(trainer, pl_module)
@@ -50,7 +49,6 @@ class ExportClip(pl.Callback):
             if os.path.exists(self.folder):
                 shutil.rmtree(self.folder)
             os.replace(staging, self.folder)
-            self.exports += 1
         trainer.strategy.barrier("export")
 
     def on_validation_end(self, trainer, pl_module) -> None:

@@ -32,7 +32,7 @@ def parallelize(model: nn.Module, block_names: list[str], *, checkpointing: bool
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
         for block in blocks:
             fully_shard(block, mesh=mesh, mp_policy=policy)
-        # The root stays unsharded after forward: the loss reads the temperature right after, and backward
-        # needs the root's parameters at once anyway.
+        # The root stays unsharded after forward: backward needs its parameters (projections, embeddings)
+        # first thing, so freeing them only to gather them again would cost an all-gather per step.
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     return model

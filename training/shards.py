@@ -139,8 +139,3 @@ def plan_epoch(shards: ShardList, *, epoch: int, seed: int, rank: int, world: in
     # A loader always starts with its worker 0: after a resume, worker 0 must read the slot that was next.
     first = next_worker(quota, skip)
     return plans[first:] + plans[:first]
-
-
-def epoch_batches(shards: ShardList, **kwargs) -> int:
-    """Batches every rank runs in an epoch."""
-    return sum(p.batches for p in plan_epoch(shards, rank=0, **kwargs))

@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, ThroughputMonitor
 from pytorch_lightning.utilities import rank_zero_only
 
-from training.clip_model import ContrastiveClip, load_clip
-from training.errors import UserError, run_command
+from training.clip_model import ContrastiveClip, load_clip, require_clip_folder
+from training.errors import run_command
 from training.export import ExportClip
 from training.tokenizer import load_tokenizer, train_tokenizer
 from training.tracking import experiment_name, flatten, sweep_parent_run, tracking_uri
@@ -46,8 +46,7 @@ def build_model(cfg: DictConfig, datamodule, output: str, loss) -> tuple[Contras
     """(model, tokenizer): a CLIP folder to fine-tune (`model.path`), or a fresh one from the model config."""
     bias = getattr(loss, "init_logit_bias", None)
     if cfg.model.get("path"):
-        if not os.path.exists(os.path.join(cfg.model.path, "config.json")):
-            raise UserError(f"model.path={cfg.model.path} is not a transformers CLIP folder (no config.json)")
+        require_clip_folder(cfg.model.path, "model.path")
         bundle = load_clip(cfg.model.path)
         tokenizer = load_tokenizer(cfg.tokenizer.path) if cfg.tokenizer.path else bundle.tokenizer
         return ContrastiveClip(bundle.model.train(), logit_bias=bias), tokenizer
