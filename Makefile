@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install test demo bench bench-curate bench-train bench-eval clean
+.PHONY: install test demo bench bench-curate bench-train bench-eval bench-ldm clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ bench-train: $(STAMP)
 
 bench-eval: $(STAMP)
 	$(PY) bench/eval.py $(ARGS)
+
+bench-ldm: $(STAMP)
+	$(PY) bench/train_ldm.py $(ARGS)
 
 clean:
 	rm -rf data outputs multirun bench/out

@@ -3,8 +3,10 @@
 A worker's stream reads as a list of stages (open_clip's layout):
   its shards (training.shards plan) → tar samples → its share → shuffle buffer → skip what a resumed run
   already trained → decode + transform (corrupt samples dropped and counted) → tokenise in batches.
-Batches are dicts: pixel_values (B, 3, S, S), input_ids and attention_mask (B, T), keys, corrupt (how many
-samples were dropped since the previous batch of that worker).
+Batches are dicts: pixel_values (B, 3, S, S), input_ids and attention_mask (B, T) when a tokenizer is
+attached, keys, captions, corrupt (how many samples were dropped since the previous batch of that worker).
+Shards that `pipeline.encode` wrote hold the frozen encoders' outputs instead of pixels: their batches carry
+latent_moments (B, 2C, h, w) and text_states (B, T, D).
 """
 
 from __future__ import annotations
@@ -22,23 +24,26 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from training.clip_model import CLIP_MEAN, CLIP_STD
 from training.shards import ShardList, SlotPlan, list_shards, plan_epoch
 from training.transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)
+# Members that `pipeline.encode` writes: the VAE posterior's mean and log-variance, the text encoder's states.
+LATENT_KEY, TEXT_STATES_KEY = "latent.npy", "text.npy"
 TOP_UP_PASSES = 3  # an exact-epoch slot short of its quota (corrupt samples) rereads its shards, at most this often
 
 
 class ClipShardStream(IterableDataset):
     """The batches of one rank for one epoch; each loader worker reads its own slot of the plan."""
 
-    def __init__(self, shards: ShardList, *, tokenizer, transform, batch_size: int, context_length: int, epoch: int,
+    def __init__(self, shards: ShardList, *, tokenizer, transform, batch_size: int, context_length: int | None, epoch: int,
                  seed: int, rank: int, world: int, workers: int, resampled: bool, epoch_samples: int | None,
                  skip_batches: int = 0, shuffle_buffer: int = 1000, shuffle_initial: int = 100,
                  image_keys: str = "jpg;jpeg;png;webp", caption_key: str = "txt"):
         super().__init__()
         self.tokenizer, self.transform = tokenizer, transform
-        self.batch_size, self.context_length = int(batch_size), int(context_length)
+        self.batch_size, self.context_length = int(batch_size), context_length
         self.seed, self.epoch, self.resampled = int(seed), int(epoch), bool(resampled)
         self.shuffle_buffer, self.shuffle_initial = int(shuffle_buffer), int(shuffle_initial)
         self.image_keys, self.caption_key = image_keys.split(";"), caption_key
@@ -91,8 +96,11 @@ class ClipShardStream(IterableDataset):
         """Image tensor + caption, or None for a sample that cannot be used (logged, never raised)."""
         key = sample.get("__key__", "?")
         try:
-            data = next(sample[k] for k in self.image_keys if k in sample)
             caption = sample[self.caption_key].decode("utf-8").strip()
+            if LATENT_KEY in sample:
+                return {"key": key, "caption": caption, "latent_moments": _array(sample[LATENT_KEY]),
+                        "text_states": _array(sample[TEXT_STATES_KEY])}
+            data = next(sample[k] for k in self.image_keys if k in sample)
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
                 # The augmentation depends on (seed, epoch, key) only: the same on a rerun or a resume.
@@ -104,12 +112,21 @@ class ClipShardStream(IterableDataset):
         return {"key": key, "caption": caption, "pixels": pixels}
 
     def _collate(self, samples: list[dict]) -> dict[str, Any]:
-        tokens = self.tokenizer([s["caption"] for s in samples], padding="max_length", truncation=True,
-                                max_length=self.context_length, return_tensors="pt")
         corrupt, self._corrupt = self._corrupt, 0
-        return {"pixel_values": torch.stack([s["pixels"] for s in samples]), "input_ids": tokens["input_ids"],
-                "attention_mask": tokens["attention_mask"], "keys": [s["key"] for s in samples],
-                "corrupt": torch.tensor(corrupt)}
+        captions = [s["caption"] for s in samples]
+        batch = {"keys": [s["key"] for s in samples], "captions": captions, "corrupt": torch.tensor(corrupt)}
+        for name in ("pixels", "latent_moments", "text_states"):
+            if name in samples[0]:
+                batch["pixel_values" if name == "pixels" else name] = torch.stack([s[name] for s in samples])
+        if self.tokenizer is not None:
+            tokens = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.context_length,
+                                    return_tensors="pt")
+            batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
+        return batch
+
+
+def _array(data: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32, copy=False))
 
 
 class EpochLoader:
@@ -138,7 +155,7 @@ class EpochLoader:
 class ClipDataModule(pl.LightningDataModule):
     """Training and validation batches from WebDataset shards. `batch_size` is per rank; an epoch is
     `epoch_samples` samples over all ranks (default: the training shards' size). `attach` gives it the
-    tokenizer and image size once the model is known."""
+    tokenizer (None: captions stay text), image size and pixel normalisation once the model is known."""
 
     def __init__(self, path: str, batch_size: int = 64, num_workers: int = 2, val_path: str | None = None,
                  val_shards: int = 0, resampled: bool = False, epoch_samples: int | None = None,
@@ -154,6 +171,7 @@ class ClipDataModule(pl.LightningDataModule):
         self.image_keys, self.caption_key = image_keys, caption_key
         self.train_shards, self.validation_shards = self._split()
         self.tokenizer, self.image_size, self.context_length = None, None, None
+        self.mean, self.std, self._attached = CLIP_MEAN, CLIP_STD, False
         self._resume: dict | None = None  # from a checkpoint: {"epoch", "batches"}
         self._trained = {"epoch": -1, "batches": 0}
 
@@ -165,8 +183,9 @@ class ClipDataModule(pl.LightningDataModule):
             return shards.split(self.val_shards)
         return shards, None
 
-    def attach(self, tokenizer, image_size: int, context_length: int) -> None:
-        self.tokenizer, self.image_size, self.context_length = tokenizer, int(image_size), int(context_length)
+    def attach(self, tokenizer, image_size: int, context_length: int | None, mean=CLIP_MEAN, std=CLIP_STD) -> None:
+        self.tokenizer, self.image_size, self.context_length = tokenizer, int(image_size), context_length
+        self.mean, self.std, self._attached = tuple(mean), tuple(std), True
 
     def captions(self, limit: int | None = None) -> list[str]:
         """Training captions (for a tokenizer), in shard order."""
@@ -179,7 +198,7 @@ class ClipDataModule(pl.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def stream(self, train: bool) -> ClipShardStream:
-        if self.tokenizer is None:
+        if not self._attached:
             raise RuntimeError("ClipDataModule.attach(tokenizer, image_size, context_length) was not called")
         rank, world = self._layout()
         workers = max(1, self.num_workers)
@@ -188,14 +207,26 @@ class ClipDataModule(pl.LightningDataModule):
         if train:
             epoch = self.trainer.current_epoch if self.trainer is not None else 0
             skip = self._resume["batches"] if self._resume and self._resume["epoch"] == epoch else 0
-            return ClipShardStream(self.train_shards, transform=TrainTransform(self.image_size, scale=self.crop_scale, flip=self.flip),
+            return ClipShardStream(self.train_shards, transform=TrainTransform(self.image_size, scale=self.crop_scale, flip=self.flip,
+                                                                             mean=self.mean, std=self.std),
                                    batch_size=self.batch_size, epoch=epoch, resampled=self.resampled,
                                    epoch_samples=self.epoch_samples, skip_batches=skip,
                                    shuffle_buffer=self.shuffle_buffer, shuffle_initial=self.shuffle_initial, **common)
         shards = self.validation_shards
         batch = max(1, min(self.batch_size, shards.samples // (world * workers)))
-        return ClipShardStream(shards, transform=EvalTransform(self.image_size), batch_size=batch, epoch=0,
+        return ClipShardStream(shards, transform=EvalTransform(self.image_size, self.mean, self.std), batch_size=batch, epoch=0,
                                resampled=False, epoch_samples=None, shuffle_buffer=0, **common)
+
+    def preview(self, batches: int):
+        """Up to `batches` unaugmented batches in this process, from the validation shards if there are any,
+        else from the training shards (for measurements such as the latent scale)."""
+        shards = self.validation_shards or self.train_shards
+        stream = ClipShardStream(shards, transform=EvalTransform(self.image_size, self.mean, self.std),
+                                 batch_size=min(self.batch_size, shards.samples), epoch=0, resampled=False,
+                                 epoch_samples=None, shuffle_buffer=0, tokenizer=self.tokenizer,
+                                 context_length=self.context_length, seed=self.seed, rank=0, world=1, workers=1,
+                                 image_keys=self.image_keys, caption_key=self.caption_key)
+        return itertools.islice(iter(stream), batches)
 
     def started_epoch(self, train: bool, stream: ClipShardStream) -> None:
         if train:

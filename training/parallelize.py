@@ -1,4 +1,5 @@
-"""Activation checkpointing, compilation and FSDP2 for a transformer's blocks: the one place that knows.
+"""Activation checkpointing, compilation and FSDP2 for a model's blocks (CLIP's transformer layers, the
+UNet's stages): the one place that knows.
 
 The order matters (torchtitan's): checkpointing wraps each block first, so `compile` sees the block and
 its recomputation as one graph; `fully_shard` comes last, so its hooks (all-gather before a block,
@@ -21,8 +22,11 @@ def parallelize(model: nn.Module, block_names: list[str], *, checkpointing: bool
                 mesh=None, param_dtype: torch.dtype | None = None) -> nn.Module:
     blocks = transformer_blocks(model, block_names)
     if checkpointing:
-        # transformers' own switch: every GradientCheckpointingLayer recomputes its forward in backward.
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # The libraries' own switches: each block recomputes its forward in backward.
+        if hasattr(model, "enable_gradient_checkpointing"):  # diffusers
+            model.enable_gradient_checkpointing()
+        else:  # transformers' GradientCheckpointingLayer
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if compile:
         for block in blocks:
             block.compile()  # in place: parameter names, hence checkpoints and exports, stay the same

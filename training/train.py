@@ -1,6 +1,7 @@
-"""`python -m training.train task=clip data.path=<shards> output=<dir> [trainer=cpu|ddp|fsdp] [model=…] [any option]`
+"""`python -m training.train task=clip|vae|ldm data.path=<shards> output=<dir> [trainer=cpu|ddp|fsdp|gpu] [any option]`
 
-`train(cfg)` reads as a checklist: data → tokenizer → model → module → callbacks → logger → trainer → fit.
+`train(cfg)` reads as a checklist: data → the task's recipe (model, module, export) → callbacks → logger →
+trainer → fit.
 The same command resumes: with `<output>/checkpoints/last.ckpt` present, training continues from there
 (model, optimizer, schedule, data position), logging into the same MLflow run.
 """
@@ -18,42 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, ThroughputMonitor
 from pytorch_lightning.utilities import rank_zero_only
 
-from training.clip_model import ContrastiveClip, load_clip, require_clip_folder
-from training.errors import run_command
-from training.export import ExportClip
-from training.tokenizer import load_tokenizer, train_tokenizer
+from training.errors import UserError, run_command
+from training.recipes import RECIPES
 from training.tracking import experiment_name, flatten, sweep_parent_run, tracking_uri
 
 LAST_CHECKPOINT = "checkpoints/last.ckpt"
-
-
-def prepare_tokenizer(cfg: DictConfig, datamodule, output: str):
-    """The run's tokenizer: a given path, else the one this run saved before (a resume, or another rank),
-    else trained on the training captions and saved under `<output>/tokenizer`."""
-    saved = os.path.join(output, "tokenizer")
-    if cfg.tokenizer.path:
-        return load_tokenizer(cfg.tokenizer.path)
-    if os.path.exists(os.path.join(saved, "tokenizer.json")):
-        return load_tokenizer(saved)
-    captions = datamodule.captions(cfg.tokenizer.max_captions)
-    tokenizer = train_tokenizer(captions, vocab_size=cfg.tokenizer.vocab_size, max_length=cfg.tokenizer.context_length)
-    if rank_zero_only.rank == 0:
-        tokenizer.save_pretrained(saved)
-    return tokenizer
-
-
-def build_model(cfg: DictConfig, datamodule, output: str, loss) -> tuple[ContrastiveClip, object]:
-    """(model, tokenizer): a CLIP folder to fine-tune (`model.path`), or a fresh one from the model config."""
-    bias = getattr(loss, "init_logit_bias", None)
-    if cfg.model.get("path"):
-        require_clip_folder(cfg.model.path, "model.path")
-        bundle = load_clip(cfg.model.path)
-        tokenizer = load_tokenizer(cfg.tokenizer.path) if cfg.tokenizer.path else bundle.tokenizer
-        return ContrastiveClip(bundle.model.train(), logit_bias=bias), tokenizer
-    tokenizer = prepare_tokenizer(cfg, datamodule, output)
-    init_scale = getattr(loss, "init_logit_scale", None)
-    clip = instantiate(cfg.model, tokenizer=tokenizer, **({"logit_scale_init": init_scale} if init_scale is not None else {}))
-    return ContrastiveClip(clip, logit_bias=bias), tokenizer
 
 
 def mlflow_logger(cfg: DictConfig, output: str):
@@ -91,19 +61,16 @@ def train(cfg: DictConfig) -> float:
     os.makedirs(output, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
+    if cfg.task_name not in RECIPES:
+        raise UserError(f"task_name={cfg.task_name!r}; training knows {', '.join(RECIPES)}")
     datamodule = instantiate(cfg.data)
-    loss = instantiate(cfg.loss)
-    model, tokenizer = build_model(cfg, datamodule, output, loss)
-    clip_config = model.clip.config
-    datamodule.attach(tokenizer, clip_config.vision_config.image_size, clip_config.text_config.max_position_embeddings)
-    module = instantiate(cfg.module, model=model, loss=loss)
-
-    export = ExportClip(os.path.join(output, "clip"), tokenizer)
+    recipe = RECIPES[cfg.task_name](cfg, datamodule, output)
+    module = recipe.module
     callbacks = [
         ModelCheckpoint(dirpath=os.path.join(output, "checkpoints"), every_n_train_steps=int(cfg.checkpoint_every),
                         save_last=True, save_top_k=0),
-        export,
-        ThroughputMonitor(batch_size_fn=lambda batch: batch["pixel_values"].shape[0], window_size=int(cfg.throughput_window),
+        *recipe.callbacks,
+        ThroughputMonitor(batch_size_fn=lambda batch: len(batch["keys"]), window_size=int(cfg.throughput_window),
                           separator="/"),
         *(instantiate(c) for c in (cfg.get("callbacks") or {}).values()),  # e.g. zero-shot eval (evaluation/)
     ]
@@ -122,11 +89,11 @@ def train(cfg: DictConfig) -> float:
         samples = steps * datamodule.batch_size * trainer.world_size * trainer.accumulate_grad_batches
         print(f"\ntrained {cfg.task_name}: step {trainer.global_step}{' (resumed)' if resume else ''}, "
               f"{trainer.world_size} process(es), {seconds:.1f} s")
-        for name in ("train/loss", "val/loss", "val/image_to_text_r1", "val/text_to_image_r1", "data/corrupt_skipped"):
+        for name in recipe.summary:
             if name in metrics:
                 print(f"  {name:<24} {metrics[name]:.4f}")
         print(f"  {'samples/s (incl. start)':<24} {samples / max(seconds, 1e-9):.1f}")
-        print(f"  export: {export.folder}")
+        print(f"  export: {recipe.export}")
     return metrics.get("val/loss", metrics.get("train/loss", float("nan")))
 
 
