@@ -39,7 +39,7 @@ def batches_in_memory(datamodule, count: int) -> list[dict]:
 
 def bare_loop(net, loss_fn, batches, warmup: int, device, precision) -> float:
     """The same recipe written out by hand: forward, loss, backward, clip, AdamW step, schedule, clamp."""
-    from training.clip_module import decay_groups
+    from training.task_module import decay_groups
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     net.to(device).train()

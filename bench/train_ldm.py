@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from conftest import write_world_shards  # noqa: E402  (the world's training shards, as the tests make them)
 
 
-def prepare(out: str, samples: int, size: int, vae_model: str, unet_model: str):
+def prepare(out: str, samples: int, size: int, vae_model: str):
     """Shards, an untrained autoencoder and CLIP folder (speed does not depend on the weights), the cache."""
     from pipeline.encode.run import encode
     from training.clip_model import ClipBundle, image_processor_for, save_clip
@@ -127,7 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     torch.manual_seed(0)
-    shards = prepare(args.out, args.batch * 4, args.size, args.vae, args.unet)
+    shards = prepare(args.out, args.batch * 4, args.size, args.vae)
     warmup = 5
     rates: dict[str, float] = {}
     for _ in range(args.repeats):  # best of `repeats`: the least disturbed run of each

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import ipaddress
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -176,6 +177,36 @@ def write_world_shards(folder, n: int, per_shard: int, image_size: int = 48, fir
     with open(f"{folder}/sizes.json", "w") as f:
         json.dump(sizes, f)
     return str(folder)
+
+
+def subprocess_env(tracking_uri: str = "sqlite:///unused.db") -> dict:
+    """The environment for a command run as a user would: offline, MLflow where the test says."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """kill -9 the command and everything it started (its local Ray, its loader workers, DDP ranks)."""
+    os.killpg(process.pid, signal.SIGKILL)
+    subprocess.run(["pkill", "-KILL", "-s", str(process.pid)], check=False)
+    process.wait(timeout=30)
+
+
+def kill_when(command: list[str], ready, deadline_s: float = 120, poll_s: float = 0.02, env: dict | None = None) -> None:
+    """Run `command` in its own session and kill -9 it as soon as `ready()` holds; fails if it ends first."""
+    process = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + deadline_s
+    while not ready():
+        assert process.poll() is None and time.time() < deadline, "the command ended before it could be killed"
+        time.sleep(poll_s)
+    kill_session(process)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step of a Lightning checkpoint, -1 while there is none."""
+    import torch
+
+    return torch.load(path, weights_only=False)["global_step"] if path.exists() else -1
 
 
 @contextmanager

@@ -5,17 +5,15 @@ transformers folder; bad input ends in one line."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import mlflow
 import pytest
 import torch
 from transformers import CLIPModel
 
-from conftest import ROOT, stage_config, write_world_shards
+from conftest import ROOT, checkpoint_step, kill_when, stage_config, subprocess_env, write_world_shards
 from training.clip_model import ContrastiveClip, load_clip
 from training.data import ClipShardStream
 from training.shards import list_shards
@@ -33,10 +31,6 @@ def pairs64(tmp_path_factory):
 
 def _command(*overrides: str) -> list[str]:
     return [sys.executable, "-m", "training.train", *overrides]
-
-
-def _env(tracking_uri: str) -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
 
 
 def _losses(tracking_uri: str) -> list[float]:
@@ -88,14 +82,14 @@ def test_ddp_and_fsdp_follow_the_single_process_loss(pairs64, tmp_path):
               "module.warmup_steps=2", *SAME_DATA]
     single_uri = f"sqlite:///{tmp_path}/single.db"
     subprocess.run(_command(*common, "data.batch_size=16", f"output={tmp_path}/single", f"hydra.run.dir={tmp_path}/h0"),
-                   env=_env(single_uri), check=True, capture_output=True, cwd=ROOT)
+                   env=subprocess_env(single_uri), check=True, capture_output=True, cwd=ROOT)
     reference = _losses(single_uri)
     assert len(reference) == 8
     for strategy in ("ddp", "fsdp"):
         uri = f"sqlite:///{tmp_path}/{strategy}.db"
         result = subprocess.run(_command(*common, f"trainer={strategy}", "data.batch_size=8", f"output={tmp_path}/{strategy}",
                                          f"hydra.run.dir={tmp_path}/h_{strategy}"),
-                                env=_env(uri), capture_output=True, text=True, cwd=ROOT)
+                                env=subprocess_env(uri), capture_output=True, text=True, cwd=ROOT)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "2 process(es)" in result.stdout
         losses = _losses(uri)
@@ -112,19 +106,13 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_final_step(tmp_path):
                        "data.val_shards=1", "trainer.max_steps=400", "checkpoint_every=10", "trainer.log_every_n_steps=5",
                        "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}/hydra")
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    process = subprocess.Popen(command, env=_env(uri), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    deadline = time.time() + 90
-    while time.time() < deadline and not (last.exists() and torch.load(last, weights_only=False)["global_step"] >= 30):
-        time.sleep(0.5)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    killed_at = torch.load(last, weights_only=False)["global_step"]
+    kill_when(command, lambda: checkpoint_step(last) >= 30, deadline_s=90, poll_s=0.5, env=subprocess_env(uri))
+    killed_at = checkpoint_step(last)
     assert 30 <= killed_at < 400
-    result = subprocess.run(command, env=_env(uri), cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(command, env=subprocess_env(uri), cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 400 (resumed)" in result.stdout
-    assert torch.load(last, weights_only=False)["global_step"] == 400
+    assert checkpoint_step(last) == 400
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("pixelmill-clip").experiment_id])  # one run, continued
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
@@ -139,7 +127,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, pairs64):
     for args, needle in ((["data.path=/nonexistent/shards"], "/nonexistent/shards"),
                          ([f"data.path={pairs64}", "model=clip_pretrained", "model.path=/no/such/model"], "/no/such/model")):
         result = subprocess.run(_command(*args, f"output={tmp_path}/bad", "tracking=false", f"hydra.run.dir={tmp_path}/h"),
-                                env=_env("sqlite:///unused.db"), cwd=ROOT, capture_output=True, text=True)
+                                env=subprocess_env("sqlite:///unused.db"), cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 2
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and needle in errors[0]
@@ -166,7 +154,7 @@ def test_siglip_bf16_checkpointing_and_accumulation_run(pairs64, tmp_path):
 
 
 def test_fine_tuning_a_clip_folder_keeps_its_tokenizer_and_decays_only_matrices(pairs64, tiny_clip, tmp_path):
-    from training.clip_module import decay_groups
+    from training.task_module import decay_groups
 
     start = load_clip(tiny_clip)
     net = ContrastiveClip(start.model)
@@ -195,7 +183,7 @@ def test_compiled_blocks_train_like_eager_ones(pairs64, tmp_path):
         result = subprocess.run(_command(f"data.path={pairs64}", f"output={tmp_path}/{compiled}", f"module.compile={compiled}",
                                          "data.batch_size=16", "trainer.max_steps=3", "trainer.log_every_n_steps=1",
                                          f"hydra.run.dir={tmp_path}/h{compiled}", *SAME_DATA),
-                                env=_env(uri), cwd=ROOT, capture_output=True, text=True)
+                                env=subprocess_env(uri), cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
         losses[compiled] = _losses(uri)
     assert len(losses["true"]) == 3

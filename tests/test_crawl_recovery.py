@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import glob
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -15,14 +13,7 @@ import webdataset as wds
 
 from pipeline.crawl.run import crawl
 from pipeline.world import World, WorldServer
-from conftest import ROOT, crawl_config, read_rows, world_config
-
-
-def _kill_session(process: subprocess.Popen) -> None:
-    """kill -9 the crawl and everything it started (its local Ray included)."""
-    os.killpg(process.pid, signal.SIGKILL)
-    subprocess.run(["pkill", "-KILL", "-s", str(process.pid)], check=False)
-    process.wait(timeout=30)
+from conftest import ROOT, crawl_config, kill_when, read_rows, world_config
 
 
 @pytest.mark.slow
@@ -34,12 +25,7 @@ def test_kill_9_then_the_same_command_resumes(tmp_path):
         command = [sys.executable, "-m", "pipeline.crawl", f"input={urls}", f"output={out}",
                    "allow_networks=[127.0.0.1/32]", "timeout=1", "retries=1", "retry_backoff=0.05",
                    "number_sample_per_shard=10", "image_size=64", "max_bytes=1048576", "processes=1", "concurrency=4"]
-        first = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while len(glob.glob(f"{out}/*_stats.json")) < 2:
-            assert first.poll() is None and time.time() < deadline, "crawl ended before it could be killed"
-            time.sleep(0.02)
-        _kill_session(first)
+        kill_when(command, lambda: len(glob.glob(f"{out}/*_stats.json")) >= 2)
         done_before = sorted(glob.glob(f"{out}/*_stats.json"))
         assert 2 <= len(done_before) < 12 and not os.path.exists(out / "manifest.json")
         requests_before = dict(server.requests)

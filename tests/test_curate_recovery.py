@@ -8,26 +8,15 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import ROOT, stage_config
+from conftest import ROOT, kill_when, stage_config
 from pipeline.annotate.run import annotate
 from pipeline.filter.run import filter_samples
 from pipeline.shard.run import shard
-from test_crawl_recovery import _kill_session
 
 SHARDS = 12
-
-
-def _kill_when(command, ready, deadline_s=120):
-    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + deadline_s
-    while not ready():
-        assert process.poll() is None and time.time() < deadline, "the stage ended before it could be killed"
-        time.sleep(0.02)
-    _kill_session(process)
 
 
 def _run(command):
@@ -54,7 +43,7 @@ def test_annotate_killed_resumes_to_the_same_result(many_shards, tiny_clip, tmp_
                 "clip_batch_size=8", "ray.num_cpus=2"]
 
     killed = tmp_path / "killed"
-    _kill_when(command(killed), lambda: len(glob.glob(f"{killed}/0*.parquet")) >= 2)
+    kill_when(command(killed), lambda: len(glob.glob(f"{killed}/0*.parquet")) >= 2)
     before = len(glob.glob(f"{killed}/0*.parquet"))
     assert before < SHARDS and not os.path.exists(killed / "manifest.json")
     _run(command(killed))
@@ -77,7 +66,7 @@ def test_shard_killed_resumes_to_the_same_result(default_world_raw, annotated, t
                 "samples_per_shard=4", "processes=1", "ray.num_cpus=2"]
 
     killed = tmp_path / "killed"
-    _kill_when(command(killed), lambda: len(glob.glob(f"{killed}/_plan/done/*.json")) >= 2)
+    kill_when(command(killed), lambda: len(glob.glob(f"{killed}/_plan/done/*.json")) >= 2)
     done_before = len(glob.glob(f"{killed}/_plan/done/*.json"))
     assert not os.path.exists(killed / "manifest.json")
     _run(command(killed))

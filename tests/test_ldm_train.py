@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import mlflow
 import pytest
@@ -17,17 +15,13 @@ import torch
 import webdataset as wds
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
-from conftest import ROOT, stage_config, write_world_shards
+from conftest import ROOT, checkpoint_step, kill_when, stage_config, subprocess_env, write_world_shards
 from pipeline.encode.run import encode
 from training.autoencoder import SYMMETRIC_MEAN, SYMMETRIC_STD, psnr
 from training.train import train
 from training.transforms import EvalTransform
 
 FIXED = ["data.num_workers=0", "data.shuffle_buffer=0", "data.crop_scale=[1,1]", "trainer.enable_progress_bar=false"]
-
-
-def _env(uri: str = "sqlite:///unused.db") -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
 
 
 def _images(shards: str):
@@ -132,7 +126,7 @@ def test_ddp_and_fsdp_runs_finish_and_export(four, tiny_clip, tmp_path):
     for strategy in ("ddp", "fsdp"):
         result = subprocess.run(_command(*common, f"trainer={strategy}", f"output={tmp_path}/{strategy}",
                                          f"hydra.run.dir={tmp_path}/h_{strategy}"),
-                                env=_env(), capture_output=True, text=True, cwd=ROOT)
+                                env=subprocess_env(), capture_output=True, text=True, cwd=ROOT)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "step 4, 2 process(es)" in result.stdout
         assert os.path.exists(f"{tmp_path}/{strategy}/pipeline/unet/diffusion_pytorch_model.safetensors")
@@ -145,16 +139,10 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_final_step(four, tiny_
                        "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}/hydra")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    process = subprocess.Popen(command, env=_env(uri), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    deadline = time.time() + 90
-    while time.time() < deadline and not (last.exists() and torch.load(last, weights_only=False)["global_step"] >= 20):
-        time.sleep(0.5)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    killed_at = torch.load(last, weights_only=False)["global_step"]
+    kill_when(command, lambda: checkpoint_step(last) >= 20, deadline_s=90, poll_s=0.5, env=subprocess_env(uri))
+    killed_at = checkpoint_step(last)
     assert 20 <= killed_at < 250
-    result = subprocess.run(command, env=_env(uri), cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(command, env=subprocess_env(uri), cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 250 (resumed)" in result.stdout
     checkpoint = torch.load(last, weights_only=False)
@@ -168,7 +156,7 @@ def test_bad_input_is_one_line_and_exit_2(four, tiny_clip, tmp_path):
              ([f"vae={four['vae']}", f"clip={tiny_clip}", "image_size=30"], "image_size=30"))
     for args, needle in cases:
         result = subprocess.run(_command(f"data.path={four['shards']}", *args, f"output={tmp_path}/bad", "tracking=false",
-                                         f"hydra.run.dir={tmp_path}/h"), env=_env(), cwd=ROOT, capture_output=True, text=True)
+                                         f"hydra.run.dir={tmp_path}/h"), env=subprocess_env(), cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 2, result.stderr[-2000:]
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and needle in errors[0], result.stderr[-2000:]

@@ -27,13 +27,18 @@ def build_vae(*, sample_size: int, block_out_channels: list[int], latent_channel
                          norm_num_groups=norm_num_groups, sample_size=sample_size)
 
 
-def load_vae(path: str, option: str = "vae") -> AutoencoderKL:
-    """An AutoencoderKL folder (ours or any diffusers one), or a pipeline folder holding one in `vae/`."""
+def vae_folder(path: str, option: str = "vae") -> str:
+    """The AutoencoderKL folder at `path` (ours or any diffusers one) or in a pipeline folder's `vae/`; a
+    one-line error naming `option` when there is none, before anything is loaded."""
     for folder in (path, os.path.join(path, "vae")):
         config = os.path.join(folder, "config.json")
         if os.path.exists(config) and '"AutoencoderKL"' in open(config).read():
-            return AutoencoderKL.from_pretrained(folder).eval()
+            return folder
     raise UserError(f"{option}={path} is not an AutoencoderKL folder (no config.json of class AutoencoderKL there or in vae/)")
+
+
+def load_vae(path: str, option: str = "vae") -> AutoencoderKL:
+    return AutoencoderKL.from_pretrained(vae_folder(path, option)).eval()
 
 
 def downscale_factor(vae: AutoencoderKL) -> int:

@@ -11,27 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from training.clip_model import ContrastiveClip
 from training.parallelize import parallelize
+from training.task_module import TaskModule, decay_groups
 
-def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and convolutions only: not on gains, biases, embeddings, the temperature
-    (the 1-d ones by their shape, embedding tables by their module)."""
-    no_decay = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
-    decay, rest = [], []
-    for param in model.parameters():
-        if not param.requires_grad:
-            continue
-        (rest if param.ndim < 2 or id(param) in no_decay else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
-class ClipTraining(pl.LightningModule):
+class ClipTraining(TaskModule):
     def __init__(self, model: ContrastiveClip, loss: nn.Module, optimizer: Callable, weight_decay: float = 0.2,
                  warmup_steps: int = 100, min_lr_ratio: float = 0.0, grad_clip: float | None = 1.0,
                  gradient_checkpointing: bool = False, compile: bool = False, fsdp_param_dtype: str | None = None,
@@ -46,26 +33,18 @@ class ClipTraining(pl.LightningModule):
         self.max_log_scale = math.log(max_logit_scale)
         self.corrupt_skipped = 0  # this rank's, over the whole run (kept in checkpoints)
         self._prepared = False
-        self.start_step = 0
-        self.flops_per_batch: float | None = None  # set by whoever measured it; Lightning's ThroughputMonitor reports MFU
 
     # --- distribution: Lightning calls this once, before the optimizer exists -----------------------------
     def configure_model(self) -> None:
         if self._prepared:
             return
         self._prepared = True
-        mesh = None
-        if type(self.trainer.strategy).__name__ == "ModelParallelStrategy":
-            mesh = self.device_mesh["data_parallel"]
         parallelize(self.net, list(self.net.clip._no_split_modules), checkpointing=self.gradient_checkpointing,
-                    compile=self.compile_blocks, mesh=mesh, param_dtype=self.fsdp_param_dtype)
+                    compile=self.compile_blocks, mesh=self.fsdp_mesh(), param_dtype=self.fsdp_param_dtype)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(decay_groups(self.net, self.weight_decay))
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = min(self.warmup_steps, max(total - 1, 0))
-        schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total, min_lr_rate=self.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return self.warmup_then_cosine(optimizer, self.warmup_steps, self.min_lr_ratio)
 
     # --- steps ------------------------------------------------------------------------------------------
     def _features(self, batch):
@@ -98,18 +77,12 @@ class ClipTraining(pl.LightningModule):
 
     # --- after the gradient, around the optimizer step -------------------------------------------------
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self.grad_clip:
-            norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), float(self.grad_clip))
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
-            self.log("train/grad_norm", norm)
+        self.clip_gradients_logged(self.net.parameters(), self.grad_clip)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # open_clip's clamp: exp(logit_scale) ≤ 100, on the parameter itself, so the export obeys it too.
         with torch.no_grad():
             self.net.clip.logit_scale.clamp_(0, self.max_log_scale)
-
-    def on_train_start(self) -> None:
-        self.start_step = self.global_step  # after a resume: where this process took over
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["corrupt_skipped"] = self.corrupt_skipped

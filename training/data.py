@@ -198,35 +198,38 @@ class ClipDataModule(pl.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def stream(self, train: bool) -> ClipShardStream:
-        if not self._attached:
-            raise RuntimeError("ClipDataModule.attach(tokenizer, image_size, context_length) was not called")
         rank, world = self._layout()
-        workers = max(1, self.num_workers)
-        common = dict(tokenizer=self.tokenizer, context_length=self.context_length, seed=self.seed, rank=rank,
-                      world=world, workers=workers, image_keys=self.image_keys, caption_key=self.caption_key)
-        if train:
-            epoch = self.trainer.current_epoch if self.trainer is not None else 0
-            skip = self._resume["batches"] if self._resume and self._resume["epoch"] == epoch else 0
-            return ClipShardStream(self.train_shards, transform=TrainTransform(self.image_size, scale=self.crop_scale, flip=self.flip,
-                                                                             mean=self.mean, std=self.std),
-                                   batch_size=self.batch_size, epoch=epoch, resampled=self.resampled,
-                                   epoch_samples=self.epoch_samples, skip_batches=skip,
-                                   shuffle_buffer=self.shuffle_buffer, shuffle_initial=self.shuffle_initial, **common)
-        shards = self.validation_shards
-        batch = max(1, min(self.batch_size, shards.samples // (world * workers)))
-        return ClipShardStream(shards, transform=EvalTransform(self.image_size, self.mean, self.std), batch_size=batch, epoch=0,
-                               resampled=False, epoch_samples=None, shuffle_buffer=0, **common)
+        if not train:
+            return self._unaugmented(self.validation_shards, rank, world, max(1, self.num_workers))
+        self._require_attached()
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        skip = self._resume["batches"] if self._resume and self._resume["epoch"] == epoch else 0
+        return ClipShardStream(self.train_shards, transform=TrainTransform(self.image_size, scale=self.crop_scale, flip=self.flip,
+                                                                         mean=self.mean, std=self.std),
+                               batch_size=self.batch_size, epoch=epoch, resampled=self.resampled,
+                               epoch_samples=self.epoch_samples, skip_batches=skip, shuffle_buffer=self.shuffle_buffer,
+                               shuffle_initial=self.shuffle_initial, **self._common(rank, world, max(1, self.num_workers)))
 
     def preview(self, batches: int):
         """Up to `batches` unaugmented batches in this process, from the validation shards if there are any,
         else from the training shards (for measurements such as the latent scale)."""
-        shards = self.validation_shards or self.train_shards
-        stream = ClipShardStream(shards, transform=EvalTransform(self.image_size, self.mean, self.std),
-                                 batch_size=min(self.batch_size, shards.samples), epoch=0, resampled=False,
-                                 epoch_samples=None, shuffle_buffer=0, tokenizer=self.tokenizer,
-                                 context_length=self.context_length, seed=self.seed, rank=0, world=1, workers=1,
-                                 image_keys=self.image_keys, caption_key=self.caption_key)
-        return itertools.islice(iter(stream), batches)
+        return itertools.islice(iter(self._unaugmented(self.validation_shards or self.train_shards, 0, 1, 1)), batches)
+
+    def _unaugmented(self, shards: ShardList, rank: int, world: int, workers: int) -> ClipShardStream:
+        """Every sample once, in shard order, resized and centre-cropped (validation, measurements)."""
+        self._require_attached()
+        batch = max(1, min(self.batch_size, shards.samples // (world * workers)))
+        return ClipShardStream(shards, transform=EvalTransform(self.image_size, self.mean, self.std), batch_size=batch,
+                               epoch=0, resampled=False, epoch_samples=None, shuffle_buffer=0,
+                               **self._common(rank, world, workers))
+
+    def _common(self, rank: int, world: int, workers: int) -> dict:
+        return dict(tokenizer=self.tokenizer, context_length=self.context_length, seed=self.seed, rank=rank, world=world,
+                    workers=workers, image_keys=self.image_keys, caption_key=self.caption_key)
+
+    def _require_attached(self) -> None:
+        if not self._attached:
+            raise RuntimeError("ClipDataModule.attach(tokenizer, image_size, context_length) was not called")
 
     def started_epoch(self, train: bool, stream: ClipShardStream) -> None:
         if train:

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextModel
 from transformers.utils import logging as transformers_logging
 
+from training.clip_model import require_clip_folder
 from training.errors import UserError
 
 SAMPLERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "ddpm": DDPMScheduler}
@@ -37,14 +38,23 @@ def build_unet(*, sample_size: int, in_channels: int, cross_attention_dim: int, 
                                 attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups)
 
 
+def is_pipeline_folder(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "text_encoder", "config.json"))
+
+
+def require_text_encoder_folder(path: str, option: str = "clip") -> None:
+    """A one-line error for a path that is neither a CLIP folder nor a pipeline folder, before any loading."""
+    if not is_pipeline_folder(path):
+        require_clip_folder(path, option)
+
+
 def load_text_encoder(path: str, option: str = "clip") -> tuple[CLIPTextModel, object]:
     """(text encoder, tokenizer) from a CLIP folder (ours, or a Hub CLIP/CLIPTextModel saved to disk), or
     from a diffusers pipeline folder's text_encoder/ and tokenizer/."""
-    if os.path.exists(os.path.join(path, "text_encoder", "config.json")):
+    if is_pipeline_folder(path):
         return (CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder")).eval(),
                 AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer")))
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise UserError(f"{option}={path} is not a CLIP folder (no config.json there)")
+    require_clip_folder(path, option)
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # the vision half of a CLIPModel folder is left out on purpose
     try:

@@ -5,9 +5,6 @@ replaced atomically, so a reader never sees half of one."""
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytorch_lightning as pl
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -15,17 +12,7 @@ from PIL import Image
 
 from training.autoencoder import latent_scale
 from training.diffusion import sampler
-from training.export import full_state_dict
-
-
-def replace_folder(folder: str, save) -> None:
-    """`save(staging)` writes the folder's new content; it then takes the place of the old one."""
-    staging = f"{folder}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    save(staging)
-    if os.path.exists(folder):
-        shutil.rmtree(folder)
-    os.replace(staging, folder)
+from training.export import FolderExport, full_state_dict
 
 
 def assemble_pipeline(unet, vae, text_encoder, tokenizer, schedule, sampler_name: str = "dpm") -> StableDiffusionPipeline:
@@ -55,55 +42,38 @@ def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
     return grid
 
 
-class ExportPipeline(pl.Callback):
-    """`<output>/pipeline` after every validation and at the end: unet (EMA weights), vae, text_encoder,
-    tokenizer, scheduler, model_index.json."""
+class ExportPipeline(FolderExport):
+    """`<output>/pipeline`: unet (EMA weights), vae, text_encoder, tokenizer, scheduler, model_index.json."""
 
     def __init__(self, folder: str, sampler: str = "dpm"):
-        self.folder, self.sampler = folder, sampler
+        super().__init__(folder)
+        self.sampler = sampler
 
-    def export(self, trainer, pl_module) -> None:
+    def saver(self, trainer, pl_module):
         pipeline = gather_pipeline(trainer, pl_module, self.sampler)
-        if pipeline is not None:
-            replace_folder(self.folder, pipeline.save_pretrained)
-        trainer.strategy.barrier("export")
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self.export(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.export(trainer, pl_module)
+        return None if pipeline is None else pipeline.save_pretrained
 
 
-class ExportVae(pl.Callback):
-    """`<output>/vae` at the end of training (and after each validation): the autoencoder with its
-    `scaling_factor` set to 1/std of its latents on up to `scale_batches` batches of the data."""
+class ExportVae(FolderExport):
+    """`<output>/vae`: the autoencoder with its `scaling_factor` set to 1/std of its latents on up to
+    `scale_batches` batches of the data (measured again at every export: the weights moved)."""
 
     def __init__(self, folder: str, datamodule, scale_batches: int = 16):
-        self.folder, self.datamodule, self.scale_batches = folder, datamodule, int(scale_batches)
-        self.scaling_factor: float | None = None
+        super().__init__(folder)
+        self.datamodule, self.scale_batches = datamodule, int(scale_batches)
 
-    def export(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            vae = pl_module.vae
-            was_training = vae.training
-            vae.eval()
-            self.scaling_factor = latent_scale(vae, self.datamodule.preview(self.scale_batches), self.scale_batches)
-            vae.register_to_config(scaling_factor=self.scaling_factor)
-            replace_folder(self.folder, vae.save_pretrained)
-            vae.train(was_training)
-            print(f"latent scale factor (1/std over {self.scale_batches} batches at most): {self.scaling_factor:.5f}")
-            if trainer.logger:
-                trainer.logger.log_metrics({"vae/scaling_factor": self.scaling_factor}, step=trainer.global_step)
-        trainer.strategy.barrier("export")
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self.export(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.export(trainer, pl_module)
+    def saver(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return None  # no FSDP for the autoencoder: rank 0 holds the whole model
+        vae = pl_module.vae
+        was_training = vae.training
+        scale = latent_scale(vae.eval(), self.datamodule.preview(self.scale_batches), self.scale_batches)
+        vae.train(was_training)
+        vae.register_to_config(scaling_factor=scale)
+        print(f"latent scale factor (1/std over {self.scale_batches} batches at most): {scale:.5f}")
+        if trainer.logger:
+            trainer.logger.log_metrics({"vae/scaling_factor": scale}, step=trainer.global_step)
+        return vae.save_pretrained
 
 
 class SampleGrid(pl.Callback):
@@ -114,7 +84,6 @@ class SampleGrid(pl.Callback):
                  sampler: str = "dpm", seed: int = 0):
         self.prompts, self.every_n_steps = list(prompts), int(every_n_steps)
         self.steps, self.guidance_scale, self.sampler, self.seed = int(steps), float(guidance_scale), sampler, int(seed)
-        self.last: Image.Image | None = None
         self._drawn_at: int | None = None
 
     @torch.no_grad()
@@ -133,7 +102,7 @@ class SampleGrid(pl.Callback):
         if step % self.every_n_steps or step == self._drawn_at:
             return
         self._drawn_at = step
-        self.last = self.draw(trainer, pl_module)
-        if self.last is not None and trainer.logger:
-            trainer.logger.experiment.log_image(trainer.logger.run_id, self.last, key="samples", step=step)
+        grid = self.draw(trainer, pl_module)
+        if grid is not None and trainer.logger:
+            trainer.logger.experiment.log_image(trainer.logger.run_id, grid, key="samples", step=step)
         trainer.strategy.barrier("samples")

@@ -1,11 +1,13 @@
-"""`ExportClip`: after every validation and at the end of training, the model as a `transformers` folder
-(`CLIPModel.from_pretrained`) with its tokenizer and image processor, replaced atomically so a reader never
-sees half of one."""
+"""Exports while training runs: `FolderExport`, the callback that rewrites a task's output folder after
+every validation and at the end of training, atomically so a reader never sees half of one; and
+`ExportClip`, the CLIP model as a `transformers` folder (`CLIPModel.from_pretrained`) with its tokenizer and
+image processor."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
@@ -35,20 +37,31 @@ def gather_clip(trainer: pl.Trainer, pl_module: pl.LightningModule) -> CLIPModel
     return fresh.eval()
 
 
-class ExportClip(pl.Callback):
-    def __init__(self, folder: str, tokenizer):
-        self.folder, self.tokenizer = folder, tokenizer
+def replace_folder(folder: str, save: Callable[[str], None]) -> None:
+    """`save(staging)` writes the folder's new content; it then takes the place of the old one."""
+    staging = f"{folder}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    save(staging)
+    if os.path.exists(folder):
+        shutil.rmtree(folder)
+    os.replace(staging, folder)
+
+
+class FolderExport(pl.Callback):
+    """Rewrites `folder` after every validation and at the end of training. Subclasses say how, in `saver`:
+    called on every rank (gathering FSDP shards is collective), it returns what writes the folder on rank 0
+    and None elsewhere."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def saver(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[str], None] | None:
+        raise NotImplementedError
 
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        fresh = gather_clip(trainer, pl_module)
-        if fresh is not None:
-            staging = f"{self.folder}.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            processor = image_processor_for(fresh.config.vision_config.image_size)
-            save_clip(staging, ClipBundle(fresh, self.tokenizer, processor))
-            if os.path.exists(self.folder):
-                shutil.rmtree(self.folder)
-            os.replace(staging, self.folder)
+        save = self.saver(trainer, pl_module)
+        if save is not None:
+            replace_folder(self.folder, save)
         trainer.strategy.barrier("export")
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -57,3 +70,16 @@ class ExportClip(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.export(trainer, pl_module)
+
+
+class ExportClip(FolderExport):
+    def __init__(self, folder: str, tokenizer):
+        super().__init__(folder)
+        self.tokenizer = tokenizer
+
+    def saver(self, trainer, pl_module):
+        fresh = gather_clip(trainer, pl_module)
+        if fresh is None:
+            return None
+        bundle = ClipBundle(fresh, self.tokenizer, image_processor_for(fresh.config.vision_config.image_size))
+        return lambda staging: save_clip(staging, bundle)

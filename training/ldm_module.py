@@ -13,18 +13,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
-import pytorch_lightning as pl
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from training.clip_module import decay_groups
 from training.diffusion import UNET_BLOCKS, ema_decay, ema_update, encode_text, min_snr_weights
 from training.parallelize import parallelize
+from training.task_module import TaskModule, decay_groups
 
 
-class LdmTraining(pl.LightningModule):
+class LdmTraining(TaskModule):
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder, tokenizer,
                  noise_scheduler: DDPMScheduler, optimizer: Callable, weight_decay: float = 0.01,
                  warmup_steps: int = 100, min_lr_ratio: float = 1.0, grad_clip: float | None = 1.0,
@@ -47,8 +45,6 @@ class LdmTraining(pl.LightningModule):
         self.scaling_factor = float(vae.config.scaling_factor)
         self.register_buffer("null_states", encode_text(self.text_encoder, tokenizer, [""]), persistent=False)
         self._prepared = False
-        self.start_step = 0
-        self.flops_per_batch: float | None = None
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -60,17 +56,14 @@ class LdmTraining(pl.LightningModule):
         if self._prepared:
             return
         self._prepared = True
-        mesh = self.device_mesh["data_parallel"] if type(self.trainer.strategy).__name__ == "ModelParallelStrategy" else None
+        mesh = self.fsdp_mesh()
         parallelize(self.unet, UNET_BLOCKS, checkpointing=self.gradient_checkpointing, compile=self.compile_blocks,
                     mesh=mesh, param_dtype=self.fsdp_param_dtype)
         parallelize(self.ema, UNET_BLOCKS, mesh=mesh)  # the same shards as the weights it averages
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(decay_groups(self.unet, self.weight_decay))
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = min(self.warmup_steps, max(total - 1, 0))
-        schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total, min_lr_rate=self.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return self.warmup_then_cosine(optimizer, self.warmup_steps, self.min_lr_ratio)
 
     # --- the objective ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -117,14 +110,9 @@ class LdmTraining(pl.LightningModule):
 
     # --- around the optimizer step ----------------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self.grad_clip:
-            norm = torch.nn.utils.clip_grad_norm_(self.unet.parameters(), float(self.grad_clip))
-            self.log("train/grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.clip_gradients_logged(self.unet.parameters(), self.grad_clip)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
             decay = ema_decay(self.global_step - 1, self.ema_decay, self.ema_warmup)
             ema_update(self.ema, self.unet, decay)
-
-    def on_train_start(self) -> None:
-        self.start_step = self.global_step

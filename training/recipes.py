@@ -5,7 +5,7 @@ its LightningModule, attaches the data module to them, and names the callbacks t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
@@ -26,8 +26,7 @@ class Recipe:
     module: pl.LightningModule
     callbacks: list[pl.Callback]
     export: str  # the folder users take away
-    summary: tuple[str, ...] = ("train/loss", "val/loss")
-    notes: dict = field(default_factory=dict)
+    summary: tuple[str, ...] = ("train/loss", "val/loss")  # metrics the closing summary prints
 
 
 def prepare_tokenizer(cfg: DictConfig, datamodule, output: str):

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytorch_lightning as pl
 import torch
 from diffusers import AutoencoderKL
 from torch.func import functional_call
-from transformers import get_constant_schedule_with_warmup
 
 from training.autoencoder import PatchDiscriminator, hinge_discriminator_loss, kl_per_pixel, psnr
-from training.clip_module import decay_groups
 from training.errors import UserError
+from training.task_module import TaskModule, decay_groups
 
 
-class VaeTraining(pl.LightningModule):
+class VaeTraining(TaskModule):
     def __init__(self, model: AutoencoderKL, optimizer: Callable, kl_weight: float = 1e-6, weight_decay: float = 0.0,
                  warmup_steps: int = 100, grad_clip: float | None = 1.0, discriminator: dict | None = None,
                  discriminator_start: int = 5000, discriminator_weight: float = 0.5):
@@ -32,20 +30,16 @@ class VaeTraining(pl.LightningModule):
         self.kl_weight, self.warmup_steps, self.grad_clip = float(kl_weight), int(warmup_steps), grad_clip
         self.discriminator = PatchDiscriminator(**discriminator) if discriminator else None
         self.discriminator_start, self.discriminator_weight = int(discriminator_start), float(discriminator_weight)
-        self.start_step = 0
-        self.flops_per_batch: float | None = None
 
     def configure_model(self) -> None:
-        if type(self.trainer.strategy).__name__ == "ModelParallelStrategy":
+        if self.fsdp_mesh() is not None:
             raise UserError("trainer=fsdp shards the UNet and CLIP; train the autoencoder with trainer=cpu, ddp or gpu")
 
     def configure_optimizers(self):
         groups = decay_groups(self.vae, self.weight_decay)
         if self.discriminator is not None:
             groups.append({"params": list(self.discriminator.parameters()), "weight_decay": 0.0})
-        optimizer = self.optimizer_factory(groups)
-        schedule = get_constant_schedule_with_warmup(optimizer, self.warmup_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return self.warmup_then_cosine(self.optimizer_factory(groups), self.warmup_steps, min_lr_ratio=1.0)  # constant
 
     def reconstruct(self, pixels: torch.Tensor, sample: bool = True):
         posterior = self.vae.encode(pixels).latent_dist
@@ -85,10 +79,6 @@ class VaeTraining(pl.LightningModule):
                  + self.kl_weight * kl_per_pixel(posterior, pixels[0].numel()), sync_dist=True, batch_size=n)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self.grad_clip:
-            for name, part in (("grad_norm", self.vae), ("discriminator_grad_norm", self.discriminator)):
-                if part is not None:
-                    self.log(f"train/{name}", torch.nn.utils.clip_grad_norm_(part.parameters(), float(self.grad_clip)))
-
-    def on_train_start(self) -> None:
-        self.start_step = self.global_step
+        self.clip_gradients_logged(self.vae.parameters(), self.grad_clip)
+        if self.discriminator is not None:
+            self.clip_gradients_logged(self.discriminator.parameters(), self.grad_clip, "train/discriminator_grad_norm")

@@ -126,10 +126,10 @@ def encode(cfg: DictConfig | dict) -> dict:
             cfg[key] = os.path.abspath(os.path.expanduser(str(cfg[key])))
     if cfg["dtype"] not in DTYPES:
         raise StageError(f"dtype={cfg['dtype']!r}; expected float32 or float16")
-    from training.autoencoder import load_vae
-    from training.diffusion import load_text_encoder
+    from training.autoencoder import vae_folder
+    from training.diffusion import require_text_encoder_folder
 
-    load_vae(cfg["vae"]), load_text_encoder(cfg["clip"])  # a bad folder fails here, in one line, before Ray starts
+    vae_folder(cfg["vae"]), require_text_encoder_folder(cfg["clip"])  # a bad folder fails here, before Ray starts
     source, out = Location(cfg["input"]), Location(cfg["output"])
     shards = _input_shards(source)
     source_hash = source.read_json(MANIFEST)["content_hash"] if source.exists(MANIFEST) else None
