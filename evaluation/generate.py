@@ -8,6 +8,7 @@ rerun, or another batch size, gives the same pictures.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import hydra
@@ -39,6 +40,8 @@ def draw(pipeline, prompts: list[str], seeds: list[int], steps: int, guidance_sc
          height=None, width=None):
     """One image per (prompt, seed), each from its own generator: independent of how they are batched."""
     generators = [torch.Generator(pipeline.device).manual_seed(int(s)) for s in seeds]
+    # The pipeline warns, prompt by prompt, about text past the encoder's context; callers report it once.
+    logging.getLogger(type(pipeline).__module__).setLevel(logging.ERROR)
     return pipeline(prompts, num_inference_steps=int(steps), guidance_scale=float(guidance_scale), generator=generators,
                     negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
                     height=height, width=width).images

@@ -1,4 +1,6 @@
 """`python -m evaluation.run task=zeroshot|retrieval model=<CLIP folder> dataset=<clip_benchmark-layout dir>`
+`python -m evaluation.run task=drawbench model=<pipeline folder> prompts=<csv|drawbench|world> [baseline=…]`
+(text-to-image: see `evaluation/drawbench.py`)
 
 Results go to a JSON file in clip_benchmark's shape (`dataset`, `model`, `task`, `metrics`) and to MLflow
 (experiment `pixelmill-<task>` unless MLFLOW_EXPERIMENT_NAME is set): metrics, the per-class table, the
@@ -21,7 +23,7 @@ from evaluation.zeroshot import ClipEncoder, retrieval, zeroshot_classification
 from training.clip_model import load_clip, require_clip_folder
 from training.errors import UserError, run_command
 
-TASKS = ("zeroshot", "retrieval")
+TASKS = ("zeroshot", "retrieval", "drawbench")
 
 
 def lineage(model: str, eval_set: EvalSet) -> dict:
@@ -40,6 +42,10 @@ def evaluate(cfg: DictConfig) -> dict:
     """Run one task on one dataset; returns the JSON record (also written to `output`)."""
     if cfg.task not in TASKS:
         raise UserError(f"task={cfg.task} is not one of {', '.join(TASKS)}")
+    if cfg.task == "drawbench":
+        from evaluation.drawbench import evaluate_drawbench  # diffusers is loaded only for this task
+
+        return evaluate_drawbench(cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     classify = cfg.task == "zeroshot"
     require_clip_folder(str(cfg.model))  # both checked before the model is loaded: bad input fails in a second
@@ -74,7 +80,7 @@ def evaluate(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> float:
     record = run_command(evaluate, cfg)
     metrics = record["metrics"]
-    return metrics.get("acc1", metrics.get("image_retrieval_recall@1", 0.0))
+    return metrics.get("acc1", metrics.get("image_retrieval_recall@1", metrics.get("clip_score/all", 0.0)))
 
 
 if __name__ == "__main__":

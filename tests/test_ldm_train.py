@@ -89,6 +89,8 @@ def test_unet_overfits_four_captions_and_the_pipeline_draws_them_back(four, tiny
     assert len(artifacts) >= 2  # sample grids at steps 400 and 800
     config = json.load(open(f"{tmp_path}/run/pipeline/model_index.json"))
     assert config["unet"] == ["diffusers", "UNet2DConditionModel"] and config["vae"] == ["diffusers", "AutoencoderKL"]
+    lineage = json.load(open(f"{tmp_path}/run/lineage.json"))  # evaluation's default judge comes from here
+    assert lineage["clip"] == os.path.abspath(tiny_clip) and lineage["vae"] == os.path.abspath(four["vae"])
 
 
 def test_cached_latents_give_the_same_loss_as_encoding_on_the_fly(four, tiny_clip, tmp_path):

@@ -4,6 +4,7 @@ its LightningModule, attaches the data module to them, and names the callbacks t
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -90,7 +91,18 @@ def ldm_recipe(cfg: DictConfig, datamodule, output: str) -> Recipe:
     module = instantiate(cfg.module, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                          noise_scheduler=instantiate(cfg.noise_scheduler))
     export = os.path.join(output, "pipeline")
+    write_lineage(output, {"clip": os.path.abspath(str(cfg.clip)), "vae": os.path.abspath(str(cfg.vae)),
+                           "data": str(cfg.data.path)})
     return Recipe(module, [ExportPipeline(export, cfg.sampler)], export, ("train/loss", "val/loss"))
+
+
+def write_lineage(output: str, lineage: dict) -> None:
+    """`<output>/lineage.json`: the folders a model was built from, beside its export (evaluation's default
+    judge is the CLIP named here). Every process writes the same bytes; the rename keeps it whole."""
+    temporary = os.path.join(output, f".lineage.{os.getpid()}.json")
+    with open(temporary, "w") as f:
+        json.dump(lineage, f, indent=2)
+    os.replace(temporary, os.path.join(output, "lineage.json"))
 
 
 RECIPES = {"clip": clip_recipe, "vae": vae_recipe, "ldm": ldm_recipe}

@@ -86,8 +86,13 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, colour, cx: float, cy: float, r
         draw.polygon(_polygon(shape, cx, cy, r), fill=colour)
 
 
-def _group_centres(region, count: int, radius: float, size: int, rng: random.Random):
-    """Centres of `count` shapes inside `region` that do not touch; shrinks the radius until they fit."""
+# How far a shape reaches from its centre, in units of its radius: a square's corners lie beyond the radius.
+REACH = {"square": 0.85 * math.sqrt(2)}
+
+
+def _group_centres(region, count: int, radius: float, size: int, rng: random.Random, reach: float = 1.0):
+    """Centres of `count` shapes inside `region` that do not touch (a gap of at least 0.3 of their reach);
+    shrinks the radius until they fit."""
     x0, y0, x1, y1 = (v * size for v in region)
     for _ in range(12):
         centres: list[tuple[float, float]] = []
@@ -96,7 +101,7 @@ def _group_centres(region, count: int, radius: float, size: int, rng: random.Ran
                 return centres, radius
             cx = rng.uniform(x0 + radius, max(x0 + radius, x1 - radius))
             cy = rng.uniform(y0 + radius, max(y0 + radius, y1 - radius))
-            if all(math.hypot(cx - a, cy - b) > 2.3 * radius for a, b in centres):
+            if all(math.hypot(cx - a, cy - b) > 2.3 * reach * radius for a, b in centres):
                 centres.append((cx, cy))
         radius *= 0.85
     raise RuntimeError(f"cannot place {count} shapes in region {region}")
@@ -108,7 +113,8 @@ def render(scene: dict, vocab: Vocabulary, size: int) -> Image.Image:
     draw = ImageDraw.Draw(image)
     radius = vocab.sizes[scene["size"]] * size
     if scene["kind"] == "group":
-        centres, radius = _group_centres(REGIONS[scene["position"]], scene["count"], radius, size, rng)
+        centres, radius = _group_centres(REGIONS[scene["position"]], scene["count"], radius, size, rng,
+                                         REACH.get(scene["shape"], 1.0))
         for cx, cy in centres:
             _draw(draw, scene["shape"], vocab.colours[scene["colour"]], cx, cy, radius)
         return image
