@@ -99,6 +99,7 @@ def ldm_recipe(cfg: DictConfig, datamodule, output: str) -> Recipe:
 def write_lineage(output: str, lineage: dict) -> None:
     """`<output>/lineage.json`: the folders a model was built from, beside its export (evaluation's default
     judge is the CLIP named here). Every process writes the same bytes; the rename keeps it whole."""
+    os.makedirs(output, exist_ok=True)
     temporary = os.path.join(output, f".lineage.{os.getpid()}.json")
     with open(temporary, "w") as f:
         json.dump(lineage, f, indent=2)
