@@ -88,3 +88,24 @@ def mlflow_run(name: str, config: dict | None = None, tags: dict | None = None, 
         yield run
     if parent_run_id and not nested:  # a sweep's parent ends when its latest job does
         mlflow.MlflowClient().set_terminated(parent_run_id)
+
+
+def data_lineage(path: str, limit: int = 10) -> dict[str, dict]:
+    """The manifests a local dataset was made from, by stage: its own, then those of the folders its config
+    names as `selection` and `input`, and so on (shard ← filter ← annotate ← crawl; encode ← shard ← …).
+    Each entry: {"path": folder, "manifest": the manifest}."""
+    found: dict[str, dict] = {}
+    queue = [path]
+    while queue and len(found) < limit:
+        folder = queue.pop(0)
+        file = os.path.join(folder, "manifest.json")
+        if not os.path.isfile(file):
+            continue
+        manifest = json.load(open(file))
+        stage = manifest.get("stage") or os.path.basename(os.path.normpath(folder))
+        if stage in found:
+            continue
+        found[stage] = {"path": os.path.abspath(folder), "manifest": manifest}
+        config = manifest.get("config") or {}
+        queue += [str(config[key]) for key in ("selection", "input") if isinstance(config.get(key), str)]
+    return found

@@ -1,4 +1,5 @@
 """`python -m training.train task=clip|vae|ldm data.path=<shards> output=<dir> [trainer=cpu|ddp|fsdp|gpu] [any option]`
+(`launcher=ray launcher.num_workers=N`: the same training on N Ray Train workers, see `training/ray_launch.py`)
 
 `train(cfg)` reads as a checklist: data → the task's recipe (model, module, export) → callbacks → logger →
 trainer → fit.
@@ -21,7 +22,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from training.errors import UserError, run_command
 from training.recipes import RECIPES
-from training.tracking import experiment_name, flatten, sweep_parent_run, tracking_uri
+from training.tracking import data_lineage, experiment_name, flatten, sweep_parent_run, tracking_uri
 
 LAST_CHECKPOINT = "checkpoints/last.ckpt"
 
@@ -50,13 +51,17 @@ def mlflow_logger(cfg: DictConfig, output: str):
         if previous is None:
             logger.log_hyperparams(flatten(resolved))
             logger.experiment.log_dict(logger.run_id, resolved, "config.json")
+            for stage, entry in data_lineage(str(cfg.data.path)).items():  # shards ← filter ← annotate ← crawl
+                logger.experiment.set_tag(logger.run_id, f"pixelmill.lineage.{stage}", entry["path"])
+                logger.experiment.log_dict(logger.run_id, entry["manifest"], f"lineage/{stage}_manifest.json")
             with open(run_file, "w") as f:
                 json.dump({"run_id": logger.run_id}, f)
     return logger
 
 
-def train(cfg: DictConfig) -> float:
-    """Train, export, and return the metric a sweep compares (validation loss, else training loss)."""
+def train(cfg: DictConfig, prepare=None) -> float:
+    """Train, export, and return the metric a sweep compares (validation loss, else training loss).
+    `prepare(trainer)` adapts the Lightning trainer to a launcher (Ray Train's `prepare_trainer`)."""
     output = str(cfg.output)
     os.makedirs(output, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -76,6 +81,8 @@ def train(cfg: DictConfig) -> float:
     ]
     logger = mlflow_logger(cfg, output) if cfg.tracking else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=output)
+    if prepare is not None:
+        trainer = prepare(trainer)
 
     last = os.path.join(output, LAST_CHECKPOINT)
     resume = last if os.path.exists(last) else None
@@ -99,6 +106,10 @@ def train(cfg: DictConfig) -> float:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    if cfg.launcher.name == "ray":
+        from training.ray_launch import train_on_ray
+
+        return run_command(train_on_ray, cfg)
     return run_command(train, cfg)
 
 
