@@ -1,42 +1,149 @@
-"""`make demo`: the flow that exists so far, on the embedded world: serve → crawl → annotate → filter → shard,
-then what the ground truth says about it."""
+"""`make demo`: the whole flow on the embedded world, in minutes on a laptop.
+
+serve the world → crawl → annotate → filter (rules) → shard → CLIP v0 → zero-shot eval → annotate with CLIP v0 →
+filter by CLIP score → shard → CLIP v1 (same budget) → zero-shot eval → autoencoder → latent diffusion →
+DrawBench-style eval on the world suite → a summary: the funnel, what the CLIP-score filter did to the world's
+mismatched captions (ground truth), v0 against v1, DrawBench per category, and how to open MLflow.
+
+Training and evaluation are called through the `_target_`s in conf/demo.yaml: the data pipeline imports
+neither (DESIGN.md, "Who imports whom").
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import time
+from pathlib import Path
 
 import hydra
 from hydra import compose
-from omegaconf import DictConfig
+from hydra.utils import get_method
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import run_stage
+from pipeline.eval_set.export import export_eval_set
 from pipeline.run import run_pipeline
 from pipeline.world.__main__ import write_and_serve
-from pipeline.world.truth import crawl_agreement, dedup_scores
+from pipeline.world.truth import crawl_agreement, mismatch_scores
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+class Demo:
+    """The demo's steps in order; each writes under `output` and returns what the summary needs."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg, self.out = cfg, os.path.abspath(str(cfg.output))
+        self.train, self.evaluate = get_method(cfg.steps.train), get_method(cfg.steps.evaluate)
+        self.timings: dict[str, float] = {}
+
+    def timed(self, name: str, label: str, work):
+        """Run `work`, print its duration under `label`, keep it for the summary under `name`."""
+        start = time.perf_counter()
+        result = work()
+        self.timings[name] = time.perf_counter() - start
+        print(f"\n── {label}: {self.timings[name]:.0f} s ──")
+        return result
+
+    def pipeline(self, *overrides: str) -> dict:
+        """pipeline.run with the demo's settings; `overrides` replace settings of the same key."""
+        keys = {o.split("=")[0] for o in overrides}
+        base = [o for o in self.cfg.run if o.split("=")[0] not in keys]
+        cfg = compose("run", overrides=[f"input={self.out}/world/urls.parquet", f"output={self.out}", *base, *overrides])
+        return run_pipeline(cfg)
+
+    def eval_sets(self) -> dict[str, str]:
+        sets = {}
+        for attribute in self.cfg.eval_attributes:
+            sets[attribute] = f"{self.out}/eval/{attribute}"
+            export_eval_set(compose("eval_set", overrides=[f"attribute={attribute}", f"output={sets[attribute]}",
+                                                           *self.cfg.eval_set]))
+        return sets
+
+    def clip(self, name: str, shards: str) -> str:
+        self.train(compose("train", overrides=["task=clip", f"data.path={shards}", f"output={self.out}/{name}",
+                                               *self.cfg.clip_training]))
+        return f"{self.out}/{name}/clip"
+
+    def eval_config(self, *overrides: str) -> DictConfig:
+        """conf/evaluation/eval.yaml with overrides. Evaluation has its own config folder (there `model` is a
+        value, not conf/'s config group), so it is read as a file, not composed from conf/."""
+        return OmegaConf.merge(OmegaConf.load(CONF / "evaluation" / "eval.yaml"), OmegaConf.from_dotlist(list(overrides)))
+
+    def zeroshot(self, name: str, model: str, sets: dict[str, str]) -> dict[str, float]:
+        return {attribute: self.evaluate(self.eval_config(
+            f"model={model}", f"dataset={path}", f"output={self.out}/eval_results/{name}_{attribute}.json",
+            "progress=false"))["metrics"]["acc1"] for attribute, path in sets.items()}
+
+    def diffusion(self, shards: str, clip: str) -> str:
+        self.train(compose("train", overrides=["task=vae", f"data.path={shards}", f"output={self.out}/vae",
+                                               *self.cfg.vae_training]))
+        self.train(compose("train", overrides=["task=ldm", f"data.path={shards}", f"output={self.out}/ldm",
+                                               f"vae={self.out}/vae/vae", f"clip={clip}", *self.cfg.ldm_training]))
+        return f"{self.out}/ldm/pipeline"
+
+    def drawbench(self, model: str) -> dict:
+        return self.evaluate(self.eval_config("task=drawbench", f"model={model}", "prompts=world",
+                                              f"output={self.out}/drawbench", *self.cfg.drawbench))
 
 
 def demo(cfg: DictConfig) -> dict:
-    world_dir, out = os.path.join(cfg.output, "world"), cfg.output
-    server = write_and_serve(DictConfig({"world": cfg.world, "output": world_dir, "host": cfg.host, "port": cfg.port}))
+    steps = Demo(cfg)
+    out = steps.out
+    server = write_and_serve(DictConfig({"world": cfg.world, "output": f"{out}/world", "host": cfg.host, "port": cfg.port}))
     try:
-        run_cfg = compose("run", overrides=[f"input={world_dir}/urls.parquet", f"output={out}", *cfg.run])
-        manifest = run_stage(run_pipeline, run_cfg)
+        v0_data = steps.timed("data", "crawl → annotate → filter (rules) → shard", steps.pipeline)
+        sets = steps.timed("eval sets", "held-out eval sets", steps.eval_sets)
+        clip_v0 = steps.timed("CLIP v0", "CLIP v0", lambda: steps.clip("clip_v0", v0_data["config"]["output"]))
+        v0 = steps.timed("zero-shot v0", "zero-shot v0", lambda: steps.zeroshot("v0", clip_v0, sets))
+        v1_data = steps.timed("CLIP filter", "annotate with CLIP v0 → filter by CLIP score → shard", lambda: steps.pipeline(
+            "crawl.overwrite=false", f"annotate.output={out}/meta_clip_v0", f"clip={clip_v0}",
+            "filter=clip_score", *cfg.clip_filter))
     finally:
         server.stop()
-    truth = os.path.join(world_dir, "ground_truth.parquet")
-    agree, rows = crawl_agreement(truth, os.path.join(out, "raw"))
-    scores = dedup_scores(truth, os.path.join(out, "raw"), manifest["config"]["selection"])
-    print(f"\nground truth: {agree} of {rows} rows ended with the status and reason the world expects")
-    print(f"  exact copies removed: {scores['exact_copies_removed']} of {scores['exact_copies']}; near-duplicates: "
-          f"precision {scores['near_duplicate_precision']:.2f}, recall {scores['near_duplicate_recall']:.2f} "
-          f"({scores['near_duplicates']} in the world)")
-    print(f"training shards in {manifest['config']['output']}; MLflow: mlflow ui --backend-store-uri sqlite:///mlflow.db")
-    return manifest
+    clip_v1 = steps.timed("CLIP v1", "CLIP v1 (same budget)", lambda: steps.clip("clip_v1", v1_data["config"]["output"]))
+    v1 = steps.timed("zero-shot v1", "zero-shot v1", lambda: steps.zeroshot("v1", clip_v1, sets))
+    pipeline = steps.timed("diffusion", "autoencoder → latent diffusion", lambda: steps.diffusion(v1_data["config"]["output"], clip_v1))
+    bench = steps.timed("DrawBench", "DrawBench-style eval (world suite)", lambda: steps.drawbench(pipeline))
+    summary = summarise(cfg, out, v0_data, v1_data, v0, v1, bench, steps.timings)
+    with open(f"{out}/summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def summarise(cfg, out: str, v0_data: dict, v1_data: dict, v0: dict, v1: dict, bench: dict, timings: dict) -> dict:
+    truth = f"{out}/world/ground_truth.parquet"
+    agree, rows = crawl_agreement(truth, f"{out}/raw")
+    mismatch = mismatch_scores(truth, f"{out}/raw", v1_data["config"]["selection"])
+    removed = mismatch["mismatched_removed"] / max(mismatch["mismatched"], 1)
+    kept = mismatch["clean_kept"] / max(mismatch["clean"], 1)
+    funnel = open(os.path.join(v0_data["config"]["selection"], "funnel.txt")).read().rstrip()
+    print("\n" + "═" * 72 + "\npixelmill demo: summary\n" + "═" * 72)
+    print(f"crawl: {agree} of {rows} rows ended as the world's ground truth expects")
+    print(f"filter funnel (rules):\n{funnel}")
+    print(f"CLIP-score filter (CLIP v0): removed {mismatch['mismatched_removed']} of {mismatch['mismatched']} "
+          f"mismatched captions ({removed:.0%}), kept {mismatch['clean_kept']} of {mismatch['clean']} clean pairs "
+          f"({kept:.0%}); training shards {v0_data['counts']['samples']} → {v1_data['counts']['samples']}")
+    print(f"{'zero-shot top-1 (held out)':<30}{'CLIP v0':>10}{'CLIP v1':>10}")
+    for attribute in v0:
+        print(f"  {attribute:<28}{v0[attribute]:>10.3f}{v1[attribute]:>10.3f}")
+    print(f"{'DrawBench (world suite)':<30}{'prompts':>10}{'correct':>10}{'CLIPScore':>11}")
+    for category, entry in bench["categories"].items():
+        print(f"  {category:<28}{entry['prompts']:>10}{entry['correct']['mean']:>10.3f}{entry['clip_score']['mean']:>11.3f}")
+    total = sum(timings.values())
+    print(f"time: {total / 60:.1f} min (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
+    print(f"results: {out}/  ·  DrawBench report: {out}/drawbench/report.html")
+    print(f"MLflow:  mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+    return {"crawl_agreement": [agree, rows], "mismatch": mismatch, "mismatch_removed": removed, "clean_kept": kept,
+            "zeroshot_v0": v0, "zeroshot_v1": v1, "drawbench": bench["metrics"], "seconds": timings,
+            "config": OmegaConf.to_container(cfg, resolve=True)}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="demo")
 def main(cfg: DictConfig) -> None:
-    demo(cfg)
+    run_stage(demo, cfg)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -35,7 +37,10 @@ def ray_head(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cluster")
     env = {**subprocess_env(f"sqlite:///{folder}/mlflow.db"), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     dashboard = free_port()
-    head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+    # Every port its own: the session's local Ray (other tests) holds Ray's default agent ports.
+    ports = [f"--{name}={free_port()}" for name in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                     "runtime-env-agent-port", "metrics-export-port")]
+    head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", *ports,
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
                              f"--temp-dir={temp}", "--disable-usage-stats"],
                             env=env, cwd=folder, start_new_session=True, stdout=subprocess.DEVNULL,
@@ -43,56 +48,50 @@ def ray_head(tmp_path_factory):
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.time() + 120
-        while True:
-            try:
-                with pytest.MonkeyPatch.context() as patch:
-                    patch.setenv("RAY_AUTH_MODE", "token")
-                    patch.setenv("RAY_AUTH_TOKEN", token)
-                    from ray.job_submission import JobSubmissionClient
-
-                    JobSubmissionClient(address).list_jobs()
-                break
-            except Exception:
-                assert head.poll() is None and time.time() < deadline, "the Ray head did not start"
-                time.sleep(1)
+        while jobs_api_status(address, token) != 200:
+            assert head.poll() is None and time.time() < deadline, "the Ray head did not start"
+            time.sleep(1)
         yield {"address": address, "token": token, "env": env, "folder": folder}
     finally:
         kill_session(head)
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def run_job(ray_head, entrypoint: str, timeout_s: float = 300) -> str:
-    """Submit through the Jobs API with the cluster's token; wait for the end; returns the job's logs."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+def jobs_api_status(address: str, token: str | None) -> int:
+    """HTTP status of the Jobs API's job list for a request carrying `token` (none: no header); 0 while the
+    dashboard does not listen yet."""
+    request = urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        return urllib.request.urlopen(request, timeout=30).status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return 0
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RAY_AUTH_MODE", "token")
-        patch.setenv("RAY_AUTH_TOKEN", ray_head["token"])
-        client = JobSubmissionClient(ray_head["address"])
-        job = client.submit_job(entrypoint=entrypoint)
-        deadline = time.time() + timeout_s
-        while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-            assert time.time() < deadline, f"job {job} still {status} after {timeout_s} s"
-            time.sleep(1)
-        logs = client.get_job_logs(job)
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+
+def run_job(ray_head, entrypoint: list[str], timeout_s: float = 300) -> str:
+    """`ray job submit` as a user runs it (the Jobs API client, with RAY_AUTH_MODE=token and the head's
+    token), in its own process: this test process already holds the token of its own local Ray. Checks
+    that `ray job status` says it succeeded; returns the job's logs."""
+    env = {**ray_head["env"], "RAY_ADDRESS": ray_head["address"]}
+    deadline = time.time() + 60
+    while True:  # a fresh head answers before its job agent is up, and says to try again
+        job = f"job-{secrets.token_hex(4)}"
+        submitted = subprocess.run([RAY, "job", "submit", "--submission-id", job, "--", *entrypoint], env=env,
+                                   capture_output=True, text=True, timeout=timeout_s)
+        logs = submitted.stdout + submitted.stderr
+        if "No available agent to submit job" not in logs or time.time() > deadline:
+            break
+        time.sleep(2)
+    status = subprocess.run([RAY, "job", "status", job], env=env, capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0 and f"Job '{job}' succeeded" in status.stdout + status.stderr, logs[-4000:]
     return logs
 
 
 def test_the_jobs_api_refuses_requests_without_the_token(ray_head):
     """Authentication is on: no token → 401, a wrong one → 403, the head's → 200."""
-    import urllib.error
-    import urllib.request
-
-    def status(token: str | None) -> int:
-        request = urllib.request.Request(f"{ray_head['address']}/api/jobs/",
-                                         headers={"Authorization": f"Bearer {token}"} if token else {})
-        try:
-            return urllib.request.urlopen(request, timeout=30).status
-        except urllib.error.HTTPError as error:
-            return error.code
-
-    assert (status(None), status("not-the-token"), status(ray_head["token"])) == (401, 403, 200)
+    statuses = [jobs_api_status(ray_head["address"], token) for token in (None, "not-the-token", ray_head["token"])]
+    assert statuses == [401, 403, 200]
 
 
 @pytest.fixture(scope="module")
@@ -100,15 +99,15 @@ def cluster_jobs(ray_head, world_lists):
     """A pipeline job (crawl → annotate → filter → shard), then a CLIP training job on 2 Ray Train workers."""
     urls, _ = world_lists
     out, hydra, run = ray_head["folder"] / "data", ray_head["folder"] / "hydra", ray_head["folder"] / "clip"
-    pipeline_logs = run_job(ray_head, " ".join([
+    pipeline_logs = run_job(ray_head, [
         sys.executable, "-m", "pipeline.run", f"input={urls}", f"output={out}", "crawl.allow_networks=[127.0.0.1/32]",
         "crawl.image_size=64", "crawl.timeout=1", "crawl.retries=1", "crawl.retry_backoff=0.05", "crawl.progress=false",
-        "annotate.progress=false", "shard.progress=false", "shard.samples_per_shard=32", f"hydra.run.dir={hydra}/p"]))
+        "annotate.progress=false", "shard.progress=false", "shard.samples_per_shard=32", f"hydra.run.dir={hydra}/p"])
     (shards,) = list((out / "shards").iterdir())
-    training_logs = run_job(ray_head, " ".join([
+    training_logs = run_job(ray_head, [
         sys.executable, "-m", "training.train", "task=clip", f"data.path={shards}", f"output={run}", "launcher=ray",
         "launcher.num_workers=2", "trainer.max_steps=12", "data.batch_size=8", "data.num_workers=0",
-        "checkpoint_every=6", "trainer.enable_progress_bar=false", f"hydra.run.dir={hydra}/t"]))
+        "checkpoint_every=6", "trainer.enable_progress_bar=false", f"hydra.run.dir={hydra}/t"])
     return {"shards": shards, "run": run, "raw": out / "raw", "logs": (pipeline_logs, training_logs)}
 
 

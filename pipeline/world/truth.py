@@ -41,3 +41,16 @@ def dedup_scores(truth_path: str, raw_dir: str, selection_dir: str) -> dict:
         "exact_copies": len(copies),
         "exact_copies_removed": sum(s["reason"] == "exact_duplicate" for s in copies),
     }
+
+
+def mismatch_scores(truth_path: str, raw_dir: str, selection_dir: str, rule: str = "clip_score") -> dict:
+    """How a filter rule treated the world's mismatched captions, among the rows that reached it (no earlier
+    rule dropped them): mismatched rows it removed, clean rows it kept."""
+    truth = pq.read_table(truth_path).to_pylist()
+    fault_of_key = {r["key"]: t["fault"] for t, r in zip(truth, raw_rows(raw_dir))}
+    selection = pq.read_table(os.path.join(selection_dir, "selection.parquet")).to_pylist()
+    reached = [s for s in selection if s["reason"] in (None, rule)]
+    mismatched = [s for s in reached if fault_of_key[s["key"]] == "caption_mismatch"]
+    clean = [s for s in reached if fault_of_key[s["key"]] != "caption_mismatch"]
+    return {"mismatched": len(mismatched), "mismatched_removed": sum(s["reason"] == rule for s in mismatched),
+            "clean": len(clean), "clean_kept": sum(s["reason"] is None for s in clean)}
