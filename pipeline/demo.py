@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 import hydra
 from hydra import compose
@@ -23,11 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import run_stage
 from pipeline.eval_set.export import export_eval_set
-from pipeline.run import run_pipeline
+from pipeline.run import evaluation_config, run_pipeline
 from pipeline.world.__main__ import write_and_serve
 from pipeline.world.truth import crawl_agreement, mismatch_scores
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 class Demo:
@@ -66,13 +63,8 @@ class Demo:
                                                *self.cfg.clip_training]))
         return f"{self.out}/{name}/clip"
 
-    def eval_config(self, *overrides: str) -> DictConfig:
-        """conf/evaluation/eval.yaml with overrides. Evaluation has its own config folder (there `model` is a
-        value, not conf/'s config group), so it is read as a file, not composed from conf/."""
-        return OmegaConf.merge(OmegaConf.load(CONF / "evaluation" / "eval.yaml"), OmegaConf.from_dotlist(list(overrides)))
-
     def zeroshot(self, name: str, model: str, sets: dict[str, str]) -> dict[str, float]:
-        return {attribute: self.evaluate(self.eval_config(
+        return {attribute: self.evaluate(evaluation_config(
             f"model={model}", f"dataset={path}", f"output={self.out}/eval_results/{name}_{attribute}.json",
             "progress=false"))["metrics"]["acc1"] for attribute, path in sets.items()}
 
@@ -84,7 +76,7 @@ class Demo:
         return f"{self.out}/ldm/pipeline"
 
     def drawbench(self, model: str) -> dict:
-        return self.evaluate(self.eval_config("task=drawbench", f"model={model}", "prompts=world",
+        return self.evaluate(evaluation_config("task=drawbench", f"model={model}", "prompts=world",
                                               f"output={self.out}/drawbench", *self.cfg.drawbench))
 
 

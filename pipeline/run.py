@@ -8,6 +8,7 @@ choice and a hash of its rules, and its own MLflow run (a child of the sweep's r
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -19,6 +20,8 @@ from pipeline.filter.report import log_filter
 from pipeline.filter.run import filter_samples
 from pipeline.shard.run import shard
 from pipeline.storage import config_fingerprint
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _filter_choice() -> str:
@@ -44,7 +47,10 @@ def run_pipeline(cfg: DictConfig) -> dict:
     shard_cfg = {**config["shard"], "selection": selection_dir, "output": shards_dir}
     if not config["tracking"]:
         filter_samples(filter_cfg)
-        return shard(shard_cfg)
+        manifest = shard(shard_cfg)
+        if config.get("sweep_model"):
+            train_and_evaluate(config["sweep_model"], shards_dir, f"{output}/models/{name}")
+        return manifest
     from training.tracking import mlflow_run, setup_mlflow, sweep_parent_run
 
     parent = sweep_parent_run()
@@ -60,7 +66,30 @@ def run_pipeline(cfg: DictConfig) -> dict:
                             "shard.samples": shard_manifest["counts"]["samples"], "shard.shards": shard_manifest["counts"]["shards"]})
         mlflow.set_tags({"data.shards_hash": shard_manifest["content_hash"], "data.shards_path": shards_dir})
         mlflow.log_dict(shard_manifest, "shard/manifest.json")
+        if config.get("sweep_model"):
+            mlflow.log_metrics(train_and_evaluate(config["sweep_model"], shards_dir, f"{output}/models/{name}"))
     return shard_manifest
+
+
+def evaluation_config(*overrides: str) -> DictConfig:
+    """conf/evaluation/eval.yaml with overrides. Evaluation has its own config folder (there `model` is a
+    value, not conf/'s config group), so it is read as a file rather than composed from conf/."""
+    return OmegaConf.merge(OmegaConf.load(CONF / "evaluation" / "eval.yaml"), OmegaConf.from_dotlist(list(overrides)))
+
+
+def train_and_evaluate(experiment: dict, shards: str, output: str) -> dict[str, float]:
+    """A model trained on the shards (conf/train.yaml + `sweep_model.train_overrides`), evaluated zero-shot
+    on `sweep_model.datasets`: the metrics a sweep compares. Training and evaluation are reached through the
+    names the config gives: the data pipeline imports neither."""
+    from hydra import compose
+    from hydra.utils import get_method
+
+    get_method(experiment["train"])(compose("train", overrides=[f"data.path={shards}", f"output={output}",
+                                                                  *experiment["train_overrides"]]))
+    evaluate = get_method(experiment["evaluate"])
+    return {f"zeroshot.{name}.acc1": evaluate(evaluation_config(
+        f"model={output}/clip", f"dataset={path}", f"output={output}/eval_{name}.json", "tracking=false",
+        "progress=false"))["metrics"]["acc1"] for name, path in experiment["datasets"].items()}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="run")

@@ -46,6 +46,43 @@ def test_multirun_sweep_annotates_once_and_nests_runs(world_lists, tiny_clip, tm
     assert set(children["tags.mlflow.parentRunId"]) == {parents["run_id"].iloc[0]}
     assert sorted(children["metrics.shard.samples"]) == samples
     assert set(children["params.filter.clip_score.min"]) == {"-0.1", "0.0", "0.05"}
+    parent = parents["run_id"].iloc[0]  # the sweep chart: samples kept against the threshold
+    assert {"sweep.png", "sweep.json"} <= {a.path for a in mlflow.MlflowClient().list_artifacts(parent)}
+    chart = mlflow.artifacts.load_dict(f"{mlflow.get_run(parent).info.artifact_uri}/sweep.json")
+    assert chart["filter.clip_score.min"] == ["-0.1", "0.0", "0.05"]
+    assert chart["shard.samples"] == samples[::-1]
+
+
+def test_threshold_sweep_trains_and_evaluates_a_model_per_value(world_lists, tiny_clip, tmp_path):
+    """`+sweep_model=clip_zeroshot`: each job of the sweep also trains a CLIP on its shards and evaluates it
+    zero-shot; the sweep's parent run charts accuracy against the threshold."""
+    import mlflow
+
+    from pipeline.eval_set.export import export_eval_set
+
+    urls, _ = world_lists
+    export_eval_set(stage_config("eval_set", "attribute=colour", f"output={tmp_path / 'colour'}", "n=30"))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    command = [sys.executable, "-m", "pipeline.run", "-m", f"input={urls}", f"output={tmp_path / 'out'}",
+               f"clip={tiny_clip}", "filter=clip_score", "filter.clip_score.min=null",
+               "filter.clip_score.top_fraction=0.5,0.9", "+sweep_model=clip_zeroshot",
+               f"+sweep_model.datasets.colour={tmp_path / 'colour'}",
+               'sweep_model.train_overrides=["task=clip","data.batch_size=16","trainer.max_steps=6",'
+               '"data.num_workers=0","trainer.enable_progress_bar=false","checkpoint_every=1000"]',
+               "crawl.allow_networks=[127.0.0.1/32]", "crawl.image_size=64", "crawl.timeout=1", "crawl.retries=1",
+               "crawl.retry_backoff=0.05", "crawl.progress=false", "annotate.progress=false", "shard.progress=false",
+               "crawl.ray.num_cpus=2", f"hydra.sweep.dir={tmp_path}/multirun"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(glob.glob(f"{tmp_path}/out/models/*/clip/config.json")) == 2  # a model per threshold
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["pixelmill"])
+    parent = runs[runs["tags.mlflow.parentRunId"].isna()]["run_id"].iloc[0]
+    jobs = runs[runs["tags.mlflow.parentRunId"].notna()]
+    assert len(jobs) == 2 and jobs["metrics.zeroshot.colour.acc1"].between(0, 1).all()
+    chart = mlflow.artifacts.load_dict(f"{mlflow.get_run(parent).info.artifact_uri}/sweep.json")
+    assert chart["filter.clip_score.top_fraction"] == ["0.5", "0.9"]
+    assert sorted(chart["zeroshot.colour.acc1"]) == sorted(jobs["metrics.zeroshot.colour.acc1"])
 
 
 @pytest.mark.slow
