@@ -124,12 +124,14 @@ def summarise(rows: list[dict], baseline_rows: list[dict] | None, resamples: int
     """Per category (in the suite's order) and over all prompts: CLIPScore, the checks, and win rates."""
     categories = list(dict.fromkeys(r["category"] for r in rows))
     if baseline_rows is not None:
+        for key in ("clip_score", "correct"):
+            if key not in rows[0]:
+                continue
+            wins = pairwise_outcomes([r[key] for r in rows], [o[key] for o in baseline_rows])
+            for row, other, win in zip(rows, baseline_rows, wins):
+                row[f"baseline_{key}"], row["win" if key == "clip_score" else "win_correct"] = other[key], float(win)
         for row, other in zip(rows, baseline_rows):
-            row["baseline_image"], row["baseline_clip_score"] = other["image"], other["clip_score"]
-            row["win"] = float(pairwise_outcomes([row["clip_score"]], [other["clip_score"]])[0])
-            if "correct" in row:
-                row["baseline_correct"] = other["correct"]
-                row["win_correct"] = float(pairwise_outcomes([row["correct"]], [other["correct"]])[0])
+            row["baseline_image"] = other["image"]
     summary = {}
     for category in [*categories, "all"]:
         chosen = [r for r in rows if category in ("all", r["category"])]

@@ -13,6 +13,7 @@ import textwrap
 
 from PIL import Image, ImageDraw, ImageFont
 
+from evaluation.report import model_tags
 from training.tracking import mlflow_run, sweep_parent_run
 
 COLUMNS = (("clip_score", "CLIPScore"), ("correct", "correct"), ("colour", "colour"), ("count", "count"),
@@ -63,7 +64,7 @@ def _cell(value) -> str:
     return "" if value is None else f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
 
 
-def html_page(record: dict, grids: dict[str, Image.Image], side: int) -> str:
+def html_page(record: dict, grids: dict[str, Image.Image], thumbs: dict[str, Image.Image], side: int) -> str:
     summary = record["categories"]
     shown = [(key, title) for key, title in COLUMNS if any(key in entry for entry in summary.values())]
     head = "".join(f"<th>{title}</th>" for _, title in shown)
@@ -76,8 +77,8 @@ def html_page(record: dict, grids: dict[str, Image.Image], side: int) -> str:
                   *(t for k, t in shown if k in rows[0]), "failed checks"]
         lines = "<tr>" + "".join(f"<th>{t}</th>" for t in titles) + "</tr>" + "".join(
             f"<tr><td>{html.escape(r['prompt'])}</td><td>{r['seed']}</td>"
-            f"<td><img src='{data_uri(thumbnail(r['image'], side))}'></td>"
-            + (f"<td><img src='{data_uri(thumbnail(r['baseline_image'], side))}'></td>" if "baseline_image" in r else "")
+            f"<td><img src='{data_uri(thumbs[r['image']])}'></td>"
+            + (f"<td><img src='{data_uri(thumbs[r['baseline_image']])}'></td>" if "baseline_image" in r else "")
             + "".join(f"<td>{_cell(r.get(k))}</td>" for k, _ in shown if k in r)
             + f"<td>{html.escape(r.get('reasons', ''))}</td></tr>" for r in rows)
         sections.append(f"<h2>{html.escape(category)}</h2><img class='grid' alt='{html.escape(category)} grid' "
@@ -97,21 +98,13 @@ img{{image-rendering:pixelated;width:{side}px}}img.grid{{width:auto;max-width:10
 model's images, then the baseline's.</p>{''.join(sections)}</body></html>"""
 
 
-def mlflow_table(record: dict, side: int) -> dict[str, list]:
+def mlflow_table(record: dict, thumbs: dict[str, Image.Image]) -> dict[str, list]:
     keys = [k for k, _ in COLUMNS if k in record["rows"][0]]
     table = {"prompt": [r["prompt"] for r in record["rows"]], "category": [r["category"] for r in record["rows"]],
              "seed": [r["seed"] for r in record["rows"]],
-             "image": [thumbnail(r["image"], side) for r in record["rows"]]}
+             "image": [thumbs[r["image"]] for r in record["rows"]]}
     table.update({k: [r.get(k) for r in record["rows"]] for k in keys})
     return table
-
-
-def model_tags(model: str, role: str = "model") -> dict[str, str]:
-    tags = {f"pixelmill.{role}": os.path.abspath(model)}
-    run_file = os.path.join(os.path.dirname(os.path.abspath(model)), "mlflow_run.json")  # <train output>/pipeline
-    if os.path.exists(run_file):
-        tags[f"pixelmill.{role}_run_id"] = json.load(open(run_file))["run_id"]
-    return tags
 
 
 def write_report(record: dict, output: str, config: dict, report_cfg, tracking: bool) -> None:
@@ -119,13 +112,15 @@ def write_report(record: dict, output: str, config: dict, report_cfg, tracking: 
     record["confidence"] = float(report_cfg.confidence)
     grids = {c: category_grid(record, c, int(report_cfg.grid_prompts), side)
              for c in record["categories"] if c != "all"}
+    paths = [r[k] for r in record["rows"] for k in ("image", "baseline_image") if k in r]
+    thumbs = {path: thumbnail(path, side) for path in dict.fromkeys(paths)}  # each image read once
     os.makedirs(os.path.join(output, "grids"), exist_ok=True)
     for category, grid in grids.items():
         grid.save(os.path.join(output, "grids", f"{category.replace('/', '_')}.png"))
     with open(os.path.join(output, "results.json"), "w") as f:
         json.dump(record, f, indent=2)
     with open(os.path.join(output, "report.html"), "w") as f:
-        f.write(html_page(record, grids, side))
+        f.write(html_page(record, grids, thumbs, side))
     if tracking:
         tags = {**model_tags(record["model"]), **(model_tags(record["baseline"], "baseline") if record["baseline"] else {}),
                 "pixelmill.judge": os.path.abspath(record["judge"]), "pixelmill.task": "drawbench"}
@@ -134,7 +129,7 @@ def write_report(record: dict, output: str, config: dict, report_cfg, tracking: 
             import mlflow  # configured by mlflow_run
 
             mlflow.log_metrics({k: v for k, v in record["metrics"].items() if not math.isnan(v)})
-            mlflow.log_table(mlflow_table(record, side), artifact_file="drawbench_table.json")
+            mlflow.log_table(mlflow_table(record, thumbs), artifact_file="drawbench_table.json")
             for category, grid in grids.items():
                 mlflow.log_image(grid, f"grids/{category.replace('/', '_')}.png")
             mlflow.log_artifact(os.path.join(output, "report.html"))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import numpy as np
 
@@ -39,6 +41,16 @@ def confusion_figure(classnames: list[str], confusion: np.ndarray):
                               color="white" if rows[i, j] > 0.5 else "black")
     figure.tight_layout()
     return figure
+
+
+def model_tags(model: str, role: str = "model") -> dict[str, str]:
+    """`pixelmill.<role>` (the folder) and `pixelmill.<role>_run_id`: the training run that exported it, read
+    from `mlflow_run.json` in the training output the folder sits in (`<output>/clip`, `<output>/pipeline`)."""
+    tags = {f"pixelmill.{role}": os.path.abspath(model)}
+    run_file = os.path.join(os.path.dirname(os.path.abspath(model)), "mlflow_run.json")
+    if os.path.exists(run_file):
+        tags[f"pixelmill.{role}_run_id"] = json.load(open(run_file))["run_id"]
+    return tags
 
 
 def log_evaluation(record: dict, config: dict, tables: dict, figures: dict, tags: dict) -> str:

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation.datasets import EvalSet
-from evaluation.report import confusion_figure, log_evaluation, per_class_table, print_summary
+from evaluation.report import confusion_figure, log_evaluation, model_tags, per_class_table, print_summary
 from evaluation.templates import resolve_templates
 from evaluation.zeroshot import ClipEncoder, retrieval, zeroshot_classification
 from training.clip_model import load_clip, require_clip_folder
@@ -28,10 +28,7 @@ TASKS = ("zeroshot", "retrieval", "drawbench")
 
 def lineage(model: str, eval_set: EvalSet) -> dict:
     """Tags that say which model and data the numbers belong to."""
-    tags = {"pixelmill.model": os.path.abspath(model), "pixelmill.dataset": os.path.abspath(eval_set.path)}
-    run_file = os.path.join(os.path.dirname(os.path.abspath(model)), "mlflow_run.json")  # <train output>/clip
-    if os.path.exists(run_file):
-        tags["pixelmill.model_run_id"] = json.load(open(run_file))["run_id"]
+    tags = {**model_tags(model), "pixelmill.dataset": os.path.abspath(eval_set.path)}
     manifest = os.path.join(eval_set.path, "manifest.json")
     if os.path.exists(manifest):
         tags["pixelmill.dataset_hash"] = json.load(open(manifest)).get("content_hash", "")

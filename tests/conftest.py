@@ -202,6 +202,18 @@ def kill_when(command: list[str], ready, deadline_s: float = 120, poll_s: float 
     kill_session(process)
 
 
+def kill_then_resume(command: list[str], checkpoint: Path, kill_at: int, final_step: int, env: dict) -> int:
+    """Training killed with -9 once `checkpoint` holds step `kill_at` or later, then the same command run
+    again: it must finish at `final_step` from the checkpoint. Returns the step it was killed at."""
+    kill_when(command, lambda: checkpoint_step(checkpoint) >= kill_at, deadline_s=90, poll_s=0.5, env=env)
+    killed_at = checkpoint_step(checkpoint)
+    assert kill_at <= killed_at < final_step
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"step {final_step} (resumed)" in result.stdout
+    return killed_at
+
+
 def checkpoint_step(path: Path) -> int:
     """The global step of a Lightning checkpoint, -1 while there is none."""
     import torch

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import CLIPModel
 
-from conftest import ROOT, checkpoint_step, kill_when, stage_config, subprocess_env, write_world_shards
+from conftest import ROOT, checkpoint_step, kill_then_resume, stage_config, subprocess_env, write_world_shards
 from training.clip_model import ContrastiveClip, load_clip
 from training.data import ClipShardStream
 from training.shards import list_shards
@@ -106,12 +106,7 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_final_step(tmp_path):
                        "data.val_shards=1", "trainer.max_steps=400", "checkpoint_every=10", "trainer.log_every_n_steps=5",
                        "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}/hydra")
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    kill_when(command, lambda: checkpoint_step(last) >= 30, deadline_s=90, poll_s=0.5, env=subprocess_env(uri))
-    killed_at = checkpoint_step(last)
-    assert 30 <= killed_at < 400
-    result = subprocess.run(command, env=subprocess_env(uri), cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "step 400 (resumed)" in result.stdout
+    killed_at = kill_then_resume(command, last, kill_at=30, final_step=400, env=subprocess_env(uri))
     assert checkpoint_step(last) == 400
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("pixelmill-clip").experiment_id])  # one run, continued

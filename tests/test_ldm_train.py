@@ -15,7 +15,7 @@ import torch
 import webdataset as wds
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
-from conftest import ROOT, checkpoint_step, kill_when, stage_config, subprocess_env, write_world_shards
+from conftest import ROOT, kill_then_resume, stage_config, subprocess_env, write_world_shards
 from pipeline.encode.run import encode
 from training.autoencoder import SYMMETRIC_MEAN, SYMMETRIC_STD, psnr
 from training.train import train
@@ -141,12 +141,7 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_final_step(four, tiny_
                        "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}/hydra")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    kill_when(command, lambda: checkpoint_step(last) >= 20, deadline_s=90, poll_s=0.5, env=subprocess_env(uri))
-    killed_at = checkpoint_step(last)
-    assert 20 <= killed_at < 250
-    result = subprocess.run(command, env=subprocess_env(uri), cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "step 250 (resumed)" in result.stdout
+    kill_then_resume(command, last, kill_at=20, final_step=250, env=subprocess_env(uri))
     checkpoint = torch.load(last, weights_only=False)
     assert checkpoint["global_step"] == 250
     assert any(k.startswith("ema.") for k in checkpoint["state_dict"])  # the EMA weights resume too

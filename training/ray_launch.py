@@ -28,7 +28,6 @@ def worker_config(cfg: dict) -> DictConfig:
     worker.trainer.plugins = RAY_ENVIRONMENT
     worker.trainer.accelerator = "gpu" if use_gpu else "cpu"
     worker.trainer.devices = "auto"  # one device per worker: Ray assigns it
-    worker.launcher.name = "local"   # inside a worker, train() runs as usual
     return worker
 
 
