@@ -50,7 +50,7 @@ def make_raw(folder: str, samples: int, per_shard: int) -> list[str]:
 
 
 def make_clip(folder: str, model: str, captions: list[str]) -> str:
-    from training.clip_model import ClipBundle, image_processor_for, save_clip
+    from training.clip.model import ClipBundle, image_processor_for, save_clip
     from training.tokenizer import train_tokenizer
 
     model_cfg = OmegaConf.load(os.path.join(CONF, "model", f"{model}.yaml"))

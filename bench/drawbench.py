@@ -22,14 +22,13 @@ from PIL import Image
 
 from curate import ROOT, config  # bench/ is the script's folder
 
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-from conftest import write_world_shards  # noqa: E402  (the world's training shards, as the tests make them)
+from pipeline.world.shards import write_world_shards
 
-from evaluation.drawbench import generate_images, score_images, summarise  # noqa: E402
-from evaluation.prompt_suites import world_suite, world_vocabulary  # noqa: E402
-from evaluation.world_checks import ObjectFinder, judge  # noqa: E402
-from evaluation.zeroshot import ClipEncoder  # noqa: E402
-from training.clip_model import load_clip  # noqa: E402
+from evaluation.t2i.drawbench import generate_images, score_images, summarise  # noqa: E402
+from evaluation.t2i.prompt_suites import world_suite, world_vocabulary  # noqa: E402
+from evaluation.t2i.world_checks import ObjectFinder, judge  # noqa: E402
+from evaluation.zeroshot.benchmark import ClipEncoder  # noqa: E402
+from training.clip.model import load_clip  # noqa: E402
 from training.train import train  # noqa: E402
 
 QUIET = ["trainer.enable_progress_bar=false", "tracking=false", "checkpoint_every=100000"]

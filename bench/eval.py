@@ -17,11 +17,11 @@ from curate import ROOT, config, make_clip  # bench/ is the script's folder
 
 
 def main() -> None:
-    from evaluation.datasets import EvalSet
-    from evaluation.templates import resolve_templates
-    from evaluation.zeroshot import ClipEncoder, zeroshot_classification
+    from evaluation.zeroshot.datasets import EvalSet
+    from evaluation.zeroshot.templates import resolve_templates
+    from evaluation.zeroshot.benchmark import ClipEncoder, zeroshot_classification
     from pipeline.eval_set.export import export_eval_set
-    from training.clip_model import load_clip
+    from training.clip.model import load_clip
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=512)

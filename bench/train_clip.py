@@ -23,8 +23,8 @@ from curate import ROOT, config, make_raw  # bench/ is the script's folder
 
 
 def build(model: str, captions: list[str], context: int = 32):
-    from training.clip_model import ContrastiveClip
-    from training.losses import ClipLoss
+    from training.clip.model import ContrastiveClip
+    from training.clip.losses import ClipLoss
     from training.tokenizer import train_tokenizer
 
     cfg = config("train", f"model={model}")
@@ -80,7 +80,7 @@ class StepTimer(pl.Callback):
 
 
 def lightning_loop(net, loss_fn, batches, warmup: int, accelerator: str, precision: str) -> float:
-    from training.clip_module import ClipTraining
+    from training.clip.module import ClipTraining
 
     module = ClipTraining(net, loss_fn, optimizer=lambda groups: torch.optim.AdamW(groups, lr=5e-4, betas=(0.9, 0.98), eps=1e-6),
                           warmup_steps=10)
@@ -126,7 +126,7 @@ def mfu(batch_size: int, steps: int, captions: list[str]) -> tuple[float, float]
 
 
 def main() -> None:
-    from training.data import ClipDataModule
+    from training.data.datamodule import ShardDataModule
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="clip_small")
@@ -145,7 +145,7 @@ def main() -> None:
     precision = "bf16-mixed" if gpu else "32-true"
 
     net, loss_fn, tokenizer, cfg = build(args.model, captions)
-    datamodule = ClipDataModule(os.path.join(args.out, "shards"), batch_size=args.batch, num_workers=2, resampled=True,
+    datamodule = ShardDataModule(os.path.join(args.out, "shards"), batch_size=args.batch, num_workers=2, resampled=True,
                                 epoch_samples=args.batch * (4 * args.steps + 10))
     datamodule.attach(tokenizer, int(cfg.model.image_size), int(cfg.model.text.max_position_embeddings))
     batches = batches_in_memory(datamodule, args.steps)

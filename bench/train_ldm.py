@@ -21,19 +21,18 @@ from hydra.utils import instantiate
 from curate import ROOT, config  # bench/ is the script's folder
 from train_clip import StepTimer, sync
 
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-from conftest import write_world_shards  # noqa: E402  (the world's training shards, as the tests make them)
+from pipeline.world.shards import write_world_shards
 
 
 def prepare(out: str, samples: int, size: int, vae_model: str):
     """Shards, an untrained autoencoder and CLIP folder (speed does not depend on the weights), the cache."""
     from pipeline.encode.run import encode
-    from training.clip_model import ClipBundle, image_processor_for, save_clip
-    from training.data import ClipDataModule
+    from training.clip.model import ClipBundle, image_processor_for, save_clip
+    from training.data.datamodule import ShardDataModule
     from training.tokenizer import train_tokenizer
 
     shards = write_world_shards(f"{out}/shards", samples, samples, image_size=size)
-    captions = ClipDataModule(shards).captions()
+    captions = ShardDataModule(shards).captions()
     tokenizer = train_tokenizer(captions, vocab_size=1000, max_length=32)
     clip = instantiate(config("train", "model=clip_tiny").model, tokenizer=tokenizer)
     save_clip(f"{out}/clip", ClipBundle(clip, tokenizer, image_processor_for(32)))
@@ -44,22 +43,22 @@ def prepare(out: str, samples: int, size: int, vae_model: str):
 
 
 def batches(path: str, module, size: int, batch: int, count: int) -> list[dict]:
-    from training.autoencoder import SYMMETRIC_MEAN, SYMMETRIC_STD
-    from training.data import ClipDataModule
+    from training.diffusion.autoencoder import SYMMETRIC_MEAN, SYMMETRIC_STD
+    from training.data.datamodule import ShardDataModule
 
-    data = ClipDataModule(path, batch_size=batch, num_workers=0, shuffle_buffer=0)
+    data = ShardDataModule(path, batch_size=batch, num_workers=0, shuffle_buffer=0)
     data.attach(module.tokenizer, size, module.tokenizer.model_max_length, SYMMETRIC_MEAN, SYMMETRIC_STD)
     first = list(data.preview(count))
     return [first[i % len(first)] for i in range(count)]
 
 
 def module_for(out: str, shards: str, size: int, unet_model: str):
-    from training.data import ClipDataModule
-    from training.recipes import ldm_recipe
+    from training.data.datamodule import ShardDataModule
+    from training.diffusion.recipe import ldm_recipe
 
     cfg = config("train", "task=ldm", f"model={unet_model}", f"data.path={shards}", f"vae={out}/vae", f"clip={out}/clip",
                  f"image_size={size}", f"output={out}/run")
-    return ldm_recipe(cfg, ClipDataModule(shards), f"{out}/run").module
+    return ldm_recipe(cfg, ShardDataModule(shards), f"{out}/run").module
 
 
 def lightning_rate(module, data: list[dict], warmup: int) -> float:
@@ -77,7 +76,7 @@ def bare_rate(module, data: list[dict], warmup: int) -> float:
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.training_utils import compute_snr
 
-    from training.diffusion import encode_text
+    from training.diffusion.unet import encode_text
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet, vae, text, ema, schedule = (module.unet.to(device).train(), module.vae.to(device), module.text_encoder.to(device),

@@ -6,7 +6,7 @@ DrawBench-style eval on the world suite → a summary: the funnel, what the CLIP
 mismatched captions (ground truth), v0 against v1, DrawBench per category, and how to open MLflow.
 
 Training and evaluation are called through the `_target_`s in conf/demo.yaml: the data pipeline imports
-neither (DESIGN.md, "Who imports whom").
+neither (DESIGN.md, "Who imports whom"). Each step's settings are a preset in conf/experiment/ (`demo_*`).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import time
 
 import hydra
 from hydra import compose
-from hydra.utils import get_method
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import run_stage
 from pipeline.eval_set.export import export_eval_set
-from pipeline.run import evaluation_config, run_pipeline
+from pipeline.run import run_pipeline
 from pipeline.world.__main__ import write_and_serve
 from pipeline.world.truth import crawl_agreement, mismatch_scores
 
@@ -32,7 +32,7 @@ class Demo:
 
     def __init__(self, cfg: DictConfig):
         self.cfg, self.out = cfg, os.path.abspath(str(cfg.output))
-        self.train, self.evaluate = get_method(cfg.steps.train), get_method(cfg.steps.evaluate)
+        self.train, self.evaluate = instantiate(cfg.steps.train), instantiate(cfg.steps.evaluate)
         self.timings: dict[str, float] = {}
 
     def timed(self, name: str, label: str, work):
@@ -43,41 +43,42 @@ class Demo:
         print(f"\n── {label}: {self.timings[name]:.0f} s ──")
         return result
 
-    def pipeline(self, *overrides: str) -> dict:
-        """pipeline.run with the demo's settings; `overrides` replace settings of the same key."""
-        keys = {o.split("=")[0] for o in overrides}
-        base = [o for o in self.cfg.run if o.split("=")[0] not in keys]
-        cfg = compose("run", overrides=[f"input={self.out}/world/urls.parquet", f"output={self.out}", *base, *overrides])
-        return run_pipeline(cfg)
+    def config(self, primary: str, step: str, *overrides: str, preset: str | None = None) -> DictConfig:
+        """`primary` (train, evaluate, run) with the step's preset from conf/experiment/, `overrides`, then
+        the step's extra overrides from the demo config."""
+        preset = preset or self.cfg.experiments[step]
+        return compose(primary, overrides=[f"+experiment={preset}", *overrides, *self.cfg.overrides.get(step, [])])
+
+    def pipeline(self, step: str, *overrides: str) -> dict:
+        """pipeline.run with the step's preset and overrides."""
+        return run_pipeline(self.config("run", "data", f"input={self.out}/world/urls.parquet", f"output={self.out}",
+                                        *overrides, preset=self.cfg.experiments[step]))
 
     def eval_sets(self) -> dict[str, str]:
         sets = {}
         for attribute in self.cfg.eval_attributes:
             sets[attribute] = f"{self.out}/eval/{attribute}"
             export_eval_set(compose("eval_set", overrides=[f"attribute={attribute}", f"output={sets[attribute]}",
-                                                           *self.cfg.eval_set]))
+                                                           f"n={self.cfg.eval_set_size}"]))
         return sets
 
     def clip(self, name: str, shards: str) -> str:
-        self.train(compose("train", overrides=["task=clip", f"data.path={shards}", f"output={self.out}/{name}",
-                                               *self.cfg.clip_training]))
+        self.train(self.config("train", "clip", f"data.path={shards}", f"output={self.out}/{name}"))
         return f"{self.out}/{name}/clip"
 
     def zeroshot(self, name: str, model: str, sets: dict[str, str]) -> dict[str, float]:
-        return {attribute: self.evaluate(evaluation_config(
-            f"model={model}", f"dataset={path}", f"output={self.out}/eval_results/{name}_{attribute}.json",
-            "progress=false"))["metrics"]["acc1"] for attribute, path in sets.items()}
+        return {attribute: self.evaluate(compose("evaluate", overrides=[
+            f"clip={model}", f"dataset={path}", f"output={self.out}/eval_results/{name}_{attribute}.json",
+            "progress=false"]))["metrics"]["acc1"] for attribute, path in sets.items()}
 
     def diffusion(self, shards: str, clip: str) -> str:
-        self.train(compose("train", overrides=["task=vae", f"data.path={shards}", f"output={self.out}/vae",
-                                               *self.cfg.vae_training]))
-        self.train(compose("train", overrides=["task=ldm", f"data.path={shards}", f"output={self.out}/ldm",
-                                               f"vae={self.out}/vae/vae", f"clip={clip}", *self.cfg.ldm_training]))
+        self.train(self.config("train", "vae", f"data.path={shards}", f"output={self.out}/vae"))
+        self.train(self.config("train", "ldm", f"data.path={shards}", f"output={self.out}/ldm", f"vae={self.out}/vae/vae",
+                               f"clip={clip}"))
         return f"{self.out}/ldm/pipeline"
 
     def drawbench(self, model: str) -> dict:
-        return self.evaluate(evaluation_config("task=drawbench", f"model={model}", "prompts=world",
-                                              f"output={self.out}/drawbench", *self.cfg.drawbench))
+        return self.evaluate(self.config("evaluate", "drawbench", f"pipeline={model}", f"output={self.out}/drawbench"))
 
 
 def demo(cfg: DictConfig) -> dict:
@@ -85,13 +86,12 @@ def demo(cfg: DictConfig) -> dict:
     out = steps.out
     server = write_and_serve(DictConfig({"world": cfg.world, "output": f"{out}/world", "host": cfg.host, "port": cfg.port}))
     try:
-        v0_data = steps.timed("data", "crawl → annotate → filter (rules) → shard", steps.pipeline)
+        v0_data = steps.timed("data", "crawl → annotate → filter (rules) → shard", lambda: steps.pipeline("data"))
         sets = steps.timed("eval sets", "held-out eval sets", steps.eval_sets)
         clip_v0 = steps.timed("CLIP v0", "CLIP v0", lambda: steps.clip("clip_v0", v0_data["config"]["output"]))
         v0 = steps.timed("zero-shot v0", "zero-shot v0", lambda: steps.zeroshot("v0", clip_v0, sets))
         v1_data = steps.timed("CLIP filter", "annotate with CLIP v0 → filter by CLIP score → shard", lambda: steps.pipeline(
-            "crawl.overwrite=false", f"annotate.output={out}/meta_clip_v0", f"clip={clip_v0}",
-            "filter=clip_score", *cfg.clip_filter))
+            "clip_filter", f"annotate.output={out}/meta_clip_v0", f"clip={clip_v0}"))
     finally:
         server.stop()
     clip_v1 = steps.timed("CLIP v1", "CLIP v1 (same budget)", lambda: steps.clip("clip_v1", v1_data["config"]["output"]))

@@ -8,7 +8,6 @@ choice and a hash of its rules, and its own MLflow run (a child of the sweep's r
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -21,7 +20,6 @@ from pipeline.filter.run import filter_samples
 from pipeline.shard.run import shard
 from pipeline.storage import config_fingerprint
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _filter_choice() -> str:
@@ -71,25 +69,19 @@ def run_pipeline(cfg: DictConfig) -> dict:
     return shard_manifest
 
 
-def evaluation_config(*overrides: str) -> DictConfig:
-    """conf/evaluation/eval.yaml with overrides. Evaluation has its own config folder (there `model` is a
-    value, not conf/'s config group), so it is read as a file rather than composed from conf/."""
-    return OmegaConf.merge(OmegaConf.load(CONF / "evaluation" / "eval.yaml"), OmegaConf.from_dotlist(list(overrides)))
-
-
 def train_and_evaluate(experiment: dict, shards: str, output: str) -> dict[str, float]:
-    """A model trained on the shards (conf/train.yaml + `sweep_model.train_overrides`), evaluated zero-shot
-    on `sweep_model.datasets`: the metrics a sweep compares. Training and evaluation are reached through the
-    names the config gives: the data pipeline imports neither."""
+    """A model trained on the shards (conf/train.yaml + the preset `sweep_model.experiment`), evaluated
+    zero-shot on `sweep_model.datasets`: the metrics a sweep compares. Training and evaluation are reached
+    through the config's `_target_`s: the data pipeline imports neither."""
     from hydra import compose
-    from hydra.utils import get_method
+    from hydra.utils import instantiate
 
-    get_method(experiment["train"])(compose("train", overrides=[f"data.path={shards}", f"output={output}",
-                                                                  *experiment["train_overrides"]]))
-    evaluate = get_method(experiment["evaluate"])
-    return {f"zeroshot.{name}.acc1": evaluate(evaluation_config(
-        f"model={output}/clip", f"dataset={path}", f"output={output}/eval_{name}.json", "tracking=false",
-        "progress=false"))["metrics"]["acc1"] for name, path in experiment["datasets"].items()}
+    train, evaluate = instantiate(experiment["train"]), instantiate(experiment["evaluate"])
+    train(compose("train", overrides=[f"+experiment={experiment['experiment']}", f"data.path={shards}", f"output={output}",
+                                      *experiment.get("overrides", [])]))
+    return {f"zeroshot.{name}.acc1": evaluate(compose("evaluate", overrides=[
+        f"clip={output}/clip", f"dataset={path}", f"output={output}/eval_{name}.json", "tracking=false",
+        "progress=false"]))["metrics"]["acc1"] for name, path in experiment["datasets"].items()}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="run")

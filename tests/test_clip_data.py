@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import write_world_shards
-from training.clip_model import image_processor_for
-from training.data import ClipShardStream
-from training.shards import list_shards, next_worker, round_robin
+from pipeline.world.shards import write_world_shards
+from training.clip.model import image_processor_for
+from training.data.datamodule import ShardStream
+from training.data.shards import list_shards, next_worker, round_robin
 from training.tokenizer import train_tokenizer
-from training.transforms import EvalTransform, TrainTransform
+from training.data.transforms import EvalTransform, TrainTransform
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def numbered(tmp_path_factory):
 def _stream(path, tokenizer, **kwargs):
     settings = dict(tokenizer=tokenizer, transform=TrainTransform(16), batch_size=4, context_length=16, epoch=0,
                     seed=0, rank=0, world=1, workers=1, resampled=False, epoch_samples=None)
-    return ClipShardStream(list_shards(path), **{**settings, **kwargs})
+    return ShardStream(list_shards(path), **{**settings, **kwargs})
 
 
 def _read(stream, workers):

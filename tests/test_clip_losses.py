@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from training.losses import ClipLoss, SigLipLoss
+from training.clip.losses import ClipLoss, SigLipLoss
 
 N, D_IN, D = 6, 5, 4  # samples per rank, input width, embedding width
 

@@ -13,12 +13,13 @@ import pytest
 import torch
 from transformers import CLIPModel
 
-from conftest import ROOT, checkpoint_step, kill_then_resume, stage_config, subprocess_env, write_world_shards
-from training.clip_model import ContrastiveClip, load_clip
-from training.data import ClipShardStream
-from training.shards import list_shards
+from pipeline.world.shards import write_world_shards
+from support import ROOT, checkpoint_step, kill_then_resume, stage_config, subprocess_env
+from training.clip.model import ContrastiveClip, load_clip
+from training.data.datamodule import ShardStream
+from training.data.shards import list_shards
 from training.train import train
-from training.transforms import EvalTransform
+from training.data.transforms import EvalTransform
 
 # Sixty-four pairs, one shard, no shuffling or cropping: every run sees the same batches in the same order.
 SAME_DATA = ["data.num_workers=0", "data.shuffle_buffer=0", "data.crop_scale=[1,1]", "trainer.enable_progress_bar=false"]
@@ -40,7 +41,7 @@ def _losses(tracking_uri: str) -> list[float]:
 
 
 def _embed(model: CLIPModel, bundle_tokenizer, shards: str, context_length: int):
-    stream = ClipShardStream(list_shards(shards), tokenizer=bundle_tokenizer, transform=EvalTransform(32), batch_size=64,
+    stream = ShardStream(list_shards(shards), tokenizer=bundle_tokenizer, transform=EvalTransform(32), batch_size=64,
                              context_length=context_length, epoch=0, seed=0, rank=0, world=1, workers=1,
                              resampled=False, epoch_samples=None, shuffle_buffer=0)
     batch = next(iter(stream))

@@ -18,9 +18,7 @@ from PIL import Image
 
 from pipeline.crawl.run import crawl
 from pipeline.errors import StageError
-from tests.conftest import ROOT, crawl_config, read_rows
-
-# What img2dataset writes into every sample's json (and parquet), for the columns url and caption.
+from support import ROOT, crawl_config, read_rows
 IMG2DATASET_FIELDS = {"url", "caption", "key", "status", "error_message", "width", "height",
                       "original_width", "original_height", "exif", "sha256"}
 

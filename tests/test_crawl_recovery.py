@@ -13,9 +13,7 @@ import webdataset as wds
 
 from pipeline.crawl.run import crawl
 from pipeline.world import World, WorldServer
-from conftest import ROOT, crawl_config, kill_when, read_rows, world_config
-
-
+from support import ROOT, crawl_config, kill_when, read_rows, world_config
 @pytest.mark.slow
 def test_kill_9_then_the_same_command_resumes(tmp_path):
     world = World(world_config(latency=0.05))

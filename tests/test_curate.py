@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import read_rows, stage_config
+from support import read_rows, stage_config
 from pipeline.errors import StageError
 from pipeline.filter.run import filter_samples
 from pipeline.shard.run import shard
 from pipeline.tar_io import iter_tar_samples
 from pipeline.world.truth import dedup_scores
-from training.clip_model import load_clip
+from training.clip.model import load_clip
 
 
 def raw_samples(raw):

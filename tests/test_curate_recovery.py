@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, kill_when, stage_config
+from support import ROOT, kill_when, stage_config
 from pipeline.annotate.run import annotate
 from pipeline.filter.run import filter_samples
 from pipeline.shard.run import shard

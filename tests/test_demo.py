@@ -8,17 +8,13 @@ import json
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import CONF
-
+from support import CONF
 TOY = {
-    "clip_training": ["data.batch_size=16", "trainer.max_steps=8", "checkpoint_every=100000", "data.num_workers=0",
-                      "trainer.enable_progress_bar=false"],
-    "vae_training": ["data.batch_size=8", "trainer.max_steps=4", "checkpoint_every=100000", "data.num_workers=0",
-                     "trainer.enable_progress_bar=false"],
-    "ldm_training": ["data.batch_size=8", "trainer.max_steps=4", "checkpoint_every=100000", "data.num_workers=0",
-                     "trainer.enable_progress_bar=false"],
-    "drawbench": ["world_suite.per_category=1", "generation.n=1", "generation.steps=2", "report.bootstrap=50"],
-    "eval_set": ["n=20"],
+    "overrides.clip": ["data.batch_size=16", "trainer.max_steps=8", "data.num_workers=0"],
+    "overrides.vae": ["data.batch_size=8", "trainer.max_steps=4", "data.num_workers=0"],
+    "overrides.ldm": ["data.batch_size=8", "trainer.max_steps=4", "data.num_workers=0"],
+    "overrides.drawbench": ["world_suite.per_category=1", "generation.n=1", "generation.steps=2", "report.bootstrap=50"],
+    "eval_set_size": 20,
 }
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from training.autoencoder import build_vae, latent_scale, psnr
-from training.diffusion import ema_decay, ema_update, min_snr_weights, noise_scheduler
+from training.diffusion.autoencoder import build_vae, latent_scale, psnr
+from training.diffusion.unet import ema_decay, ema_update, min_snr_weights, noise_scheduler
 
 
 def test_ema_update_is_the_convex_combination_and_its_warmup_follows_the_formula():

@@ -17,25 +17,19 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, SHARED, subprocess_env
-from evaluation.prompt_suites import DRAWBENCH_CATEGORIES, WORLD_CATEGORIES, read_prompt_csv, world_suite, world_vocabulary
-from evaluation.t2i_metrics import bootstrap_mean, clip_scores, pairwise_outcomes
-from evaluation.world_checks import ObjectFinder, judge
+from support import (DRAWBENCH_COUNTS, DRAWBENCH_CSV, ROOT, drawbench_like_csv, needs_official_drawbench,
+                     subprocess_env)
+from evaluation.t2i.prompt_suites import DRAWBENCH_CATEGORIES, WORLD_CATEGORIES, read_prompt_csv, world_suite, world_vocabulary
+from evaluation.t2i.metrics import bootstrap_mean, clip_scores, pairwise_outcomes
+from evaluation.t2i.world_checks import ObjectFinder, judge
 from pipeline.world.render import encode_jpeg, render
 from pipeline.world.scene import Vocabulary
 from training.errors import UserError
 
-DRAWBENCH_CSV = SHARED / "data" / "drawbench.csv"
-# Prompts per category in the paper's DrawBench (Saharia et al., 2022, appendix).
-DRAWBENCH_COUNTS = {"Colors": 25, "Conflicting": 10, "Counting": 19, "DALL-E": 20, "Descriptions": 20,
-                    "Gary Marcus et al.": 10, "Misspellings": 10, "Positional": 20, "Rare Words": 7, "Reddit": 38,
-                    "Text": 21}
-
-
-def official_style(path) -> str:
-    """The shared CSV rewritten as the Imagen sheet exports it: `Prompts,Category`, an extra column, CRLF
-    line ends, a blank row."""
-    rows = list(csv.DictReader(open(DRAWBENCH_CSV, newline="")))
+def official_style(path, source=DRAWBENCH_CSV) -> str:
+    """A `prompt,category` CSV rewritten as the Imagen sheet exports it: `Prompts,Category`, an extra column,
+    CRLF line ends, a blank row."""
+    rows = list(csv.DictReader(open(source, newline="")))
     buffer = io.StringIO()
     writer = csv.writer(buffer)  # CRLF by default
     writer.writerow(["Prompts", "Category", "Notes"])
@@ -47,6 +41,7 @@ def official_style(path) -> str:
     return str(path)
 
 
+@needs_official_drawbench
 def test_both_header_styles_give_the_200_prompts_in_11_categories(tmp_path):
     plain = read_prompt_csv(str(DRAWBENCH_CSV))
     official = read_prompt_csv(official_style(tmp_path / "official.csv"))
@@ -71,14 +66,15 @@ class _Files(http.server.SimpleHTTPRequestHandler):
 def test_download_command_against_a_local_server(tmp_path):
     served = tmp_path / "served"
     served.mkdir()
-    official_style(served / "drawbench.csv")
+    source = drawbench_like_csv(tmp_path / "source.csv")  # the command's checks, not the official text
+    official_style(served / "drawbench.csv", source)
     (served / "page.html").write_text("<html><body>Sign in to continue</body></html>")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: _Files(*a, directory=str(served)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
 
     def download(name: str, output):
-        return subprocess.run([sys.executable, "-m", "evaluation.download_drawbench", f"url={base}/{name}",
+        return subprocess.run([sys.executable, "-m", "evaluation.t2i.download_drawbench", f"url={base}/{name}",
                                f"output={output}", "hydra.run.dir=" + str(tmp_path / "hydra")],
                               cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
 
@@ -88,7 +84,7 @@ def test_download_command_against_a_local_server(tmp_path):
         assert "200 prompts in 11 categories" in done.stdout
         written = tmp_path / "data" / "drawbench.csv"
         assert written.read_text().splitlines()[0] == "prompt,category"
-        assert read_prompt_csv(str(written)) == read_prompt_csv(str(DRAWBENCH_CSV))
+        assert read_prompt_csv(str(written)) == read_prompt_csv(str(source))
 
         for name, message in (("nothing.csv", "download failed (HTTP Error 404"), ("page.html", "did not give a prompt CSV")):
             failed = download(name, tmp_path / "other.csv")
@@ -175,8 +171,8 @@ def test_checkers_pass_real_world_images_and_refuse_wrong_ones(side):
 
 def test_clip_score_is_the_formula_on_a_hand_made_case(tiny_clip):
     """2.5 · max(cos, 0), cosines taken through CLIPModel's own forward (logits / logit scale)."""
-    from evaluation.zeroshot import ClipEncoder
-    from training.clip_model import load_clip
+    from evaluation.zeroshot.benchmark import ClipEncoder
+    from training.clip.model import load_clip
 
     encoder = ClipEncoder.from_bundle(load_clip(tiny_clip))
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""`python -m evaluation.run task=drawbench` end to end on a tiny pipeline: the official 200 prompts with a
+"""`python -m evaluation.run benchmark=drawbench` end to end on a tiny pipeline: the official 200 prompts with a
 baseline, a rerun that draws nothing, MLflow, the HTML report in headless Chromium, the world suite, bad input."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import CONF, ROOT, eval_config, subprocess_env
-from test_drawbench_parts import DRAWBENCH_COUNTS, DRAWBENCH_CSV
-from evaluation.prompt_suites import WORLD_CATEGORIES
+from support import CONF, ROOT, eval_config, subprocess_env
+from support import DRAWBENCH_COUNTS, DRAWBENCH_CSV, drawbench_like_csv, needs_official_drawbench
+from evaluation.t2i.prompt_suites import WORLD_CATEGORIES
 from evaluation.run import evaluate
 from training.errors import UserError
 
@@ -31,9 +31,9 @@ def tiny_pipeline(tmp_path_factory, tiny_clip) -> str:
     `training.train task=ldm` leaves it: `<output>/pipeline` with `lineage.json` naming the CLIP beside it."""
     from hydra.utils import instantiate
 
-    from training.diffusion import load_text_encoder, noise_scheduler
-    from training.diffusion_export import assemble_pipeline
-    from training.recipes import write_lineage
+    from training.diffusion.unet import load_text_encoder, noise_scheduler
+    from training.diffusion.export import assemble_pipeline
+    from training.recipe import write_lineage
 
     torch.manual_seed(0)
     text_encoder, tokenizer = load_text_encoder(tiny_clip)
@@ -49,25 +49,28 @@ def tiny_pipeline(tmp_path_factory, tiny_clip) -> str:
 
 
 def drawbench_args(model, output, *extra):
-    return ["task=drawbench", f"model={model}", f"output={output}", "generation.n=1", "generation.steps=2",
+    return ["benchmark=drawbench", f"pipeline={model}", f"output={output}", "generation.n=1", "generation.steps=2",
             "generation.batch_size=50", "report.bootstrap=200", *extra]
 
 
 @pytest.fixture(scope="module")
 def official_run(tiny_pipeline, tmp_path_factory):
-    """All 200 DrawBench prompts, one image each, against a copy of the same model as the baseline."""
+    """All 200 DrawBench prompts, one image each, against a copy of the same model as the baseline. Without
+    the official prompts beside the clone, a stand-in CSV of the same shape (the official-only test skips)."""
     folder = tmp_path_factory.mktemp("drawbench")
+    prompts = DRAWBENCH_CSV if DRAWBENCH_CSV.exists() else drawbench_like_csv(folder / "drawbench_like.csv")
     baseline = folder / "copy" / "pipeline"
     shutil.copytree(tiny_pipeline, baseline)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder}/mlflow.db"
     try:
-        args = drawbench_args(tiny_pipeline, folder / "out", f"baseline={baseline}", f"prompts={DRAWBENCH_CSV}")
+        args = drawbench_args(tiny_pipeline, folder / "out", f"baseline={baseline}", f"prompts={prompts}")
         record = evaluate(eval_config(*args))
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
     return {"record": record, "args": args, "folder": folder}
 
 
+@needs_official_drawbench
 def test_official_prompts_give_the_11_categories_and_self_against_self_is_even(official_run, tiny_clip):
     record = official_run["record"]
     assert {c: e["prompts"] for c, e in record["categories"].items() if c != "all"} == DRAWBENCH_COUNTS
@@ -152,18 +155,18 @@ def test_bad_input_fails_in_one_line(tiny_pipeline, tmp_path):
     stray = tmp_path / "elsewhere" / "pipeline"
     shutil.copytree(tiny_pipeline, stray)
     cases = [
-        ([f"model={tmp_path}"], f"model={tmp_path} is not a diffusers pipeline folder"),
-        ([f"model={tiny_pipeline}", f"baseline={tmp_path}"], f"baseline={tmp_path} is not a diffusers pipeline folder"),
-        ([f"model={stray}"], "judge=<CLIP folder> is needed"),
-        ([f"model={tiny_pipeline}", f"judge={tmp_path}"], f"judge={tmp_path} is not a transformers CLIP folder"),
-        ([f"model={tiny_pipeline}", f"prompts={tmp_path / 'none.csv'}"], "none.csv: no such file"),
-        ([f"model={tiny_pipeline}", "prompts=world", "generation.n=0"], "generation.n=0"),
+        ([f"pipeline={tmp_path}"], f"pipeline={tmp_path} is not a diffusers pipeline folder"),
+        ([f"pipeline={tiny_pipeline}", f"baseline={tmp_path}"], f"baseline={tmp_path} is not a diffusers pipeline folder"),
+        ([f"pipeline={stray}"], "judge=<CLIP folder> is needed"),
+        ([f"pipeline={tiny_pipeline}", f"judge={tmp_path}"], f"judge={tmp_path} is not a transformers CLIP folder"),
+        ([f"pipeline={tiny_pipeline}", f"prompts={tmp_path / 'none.csv'}"], "none.csv: no such file"),
+        ([f"pipeline={tiny_pipeline}", "prompts=world", "generation.n=0"], "generation.n=0"),
     ]
     for overrides, message in cases:
         with pytest.raises(UserError, match=re.escape(message)):
-            evaluate(eval_config("task=drawbench", f"output={tmp_path / 'out'}", "tracking=false", *overrides))
-    done = subprocess.run([sys.executable, "-m", "evaluation.run", "task=drawbench", f"model={tmp_path}",
+            evaluate(eval_config("benchmark=drawbench", f"output={tmp_path / 'out'}", "tracking=false", *overrides))
+    done = subprocess.run([sys.executable, "-m", "evaluation.run", "benchmark=drawbench", f"pipeline={tmp_path}",
                            f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        f"error: model={tmp_path} is not a diffusers pipeline folder (no model_index.json there)"]
+        f"error: pipeline={tmp_path} is not a diffusers pipeline folder (no model_index.json there)"]

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import eval_config
-from evaluation.metrics import classification_metrics, retrieval_metrics
+from support import eval_config
+from evaluation.zeroshot.metrics import classification_metrics, retrieval_metrics
 from evaluation.run import evaluate
-from evaluation.templates import IMAGENET_80, fill, resolve_templates
+from evaluation.zeroshot.templates import IMAGENET_80, fill, resolve_templates
 from training.errors import UserError, run_command
 
 
@@ -84,9 +84,9 @@ def test_templates_named_from_the_dataset_from_a_file_or_a_list(tmp_path):
 def test_bad_model_or_dataset_is_one_line_naming_it(tmp_path, tiny_clip, capsys):
     (tmp_path / "set" / "test").mkdir(parents=True)
     (tmp_path / "set" / "test" / "nshards.txt").write_text("0\n")
-    cases = [(f"model={tmp_path}/no_model", f"dataset={tmp_path}/set", f"{tmp_path}/no_model"),
-             (f"model={tiny_clip}", f"dataset={tmp_path}/set", "classnames.txt"),
-             (f"model={tiny_clip}", f"dataset={tmp_path}/nothing", f"{tmp_path}/nothing")]
+    cases = [(f"clip={tmp_path}/no_model", f"dataset={tmp_path}/set", f"{tmp_path}/no_model"),
+             (f"clip={tiny_clip}", f"dataset={tmp_path}/set", "classnames.txt"),
+             (f"clip={tiny_clip}", f"dataset={tmp_path}/nothing", f"{tmp_path}/nothing")]
     for model, dataset, needle in cases:
         cfg = eval_config(model, dataset, "tracking=false", f"output={tmp_path}/out.json")
         with pytest.raises(SystemExit) as exit_info:

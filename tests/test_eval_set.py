@@ -8,7 +8,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from conftest import ROOT, stage_config
+from support import ROOT, stage_config
 from pipeline.errors import StageError
 from pipeline.eval_set.export import export_eval_set
 

@@ -10,7 +10,8 @@ import mlflow
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import CONF, eval_config, mlflow_server, stage_config, write_world_shards
+from pipeline.world.shards import write_world_shards
+from support import CONF, eval_config, mlflow_server, stage_config
 from evaluation.run import evaluate
 from pipeline.eval_set.export import export_eval_set
 from training.train import train
@@ -37,7 +38,7 @@ def trained(tmp_path_factory):
         cfg = stage_config("train", f"data.path={shards}", f"output={root}/run", "data.batch_size=128",
                            f"trainer.max_steps={STEPS}", "module.optimizer.lr=2e-3", "module.warmup_steps=10",
                            "trainer.enable_progress_bar=false", "checkpoint_every=1000",
-                           "+callbacks.zeroshot._target_=evaluation.callback.ZeroShotCallback",
+                           "+callbacks.zeroshot._target_=evaluation.zeroshot.callback.ZeroShotCallback",
                            f"+callbacks.zeroshot.datasets={{colour: {sets['colour']}, shape: {sets['shape']}}}",
                            "+callbacks.zeroshot.every_n_steps=100")
         train(cfg)
@@ -47,7 +48,7 @@ def trained(tmp_path_factory):
 def test_world_clip_beats_chance_and_the_callback_agrees_with_the_command(trained, tmp_path):
     results = {}
     for attribute, path in trained["sets"].items():
-        results[attribute] = evaluate(eval_config(f"model={trained['model']}", f"dataset={path}", "tracking=false",
+        results[attribute] = evaluate(eval_config(f"clip={trained['model']}", f"dataset={path}", "tracking=false",
                                                   f"output={tmp_path}/{attribute}.json", "progress=false"))
         assert json.load(open(f"{tmp_path}/{attribute}.json")) == json.loads(json.dumps(results[attribute]))
     colour = results["colour"]["metrics"]
@@ -66,7 +67,7 @@ def test_world_clip_beats_chance_and_the_callback_agrees_with_the_command(traine
 def test_results_reach_a_real_mlflow_server_with_tables_pictures_and_lineage(trained, tmp_path, monkeypatch):
     with mlflow_server(tmp_path) as uri:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        record = evaluate(eval_config(f"model={trained['model']}", f"dataset={trained['sets']['colour']}",
+        record = evaluate(eval_config(f"clip={trained['model']}", f"dataset={trained['sets']['colour']}",
                                       f"output={tmp_path}/colour.json", "progress=false"))
         client = mlflow.MlflowClient(uri)
         experiment = client.get_experiment_by_name("pixelmill-zeroshot")  # one experiment per task
@@ -106,7 +107,7 @@ def _retrieval_set(folder, n: int = 100):
 
 def test_retrieval_with_two_captions_per_image(trained, tmp_path):
     path = _retrieval_set(tmp_path / "retrieval")
-    record = evaluate(eval_config("task=retrieval", f"model={trained['model']}", f"dataset={path}", "tracking=false",
+    record = evaluate(eval_config("benchmark=retrieval", f"clip={trained['model']}", f"dataset={path}", "tracking=false",
                                   f"output={tmp_path}/r.json", "progress=false", "chunk_size=16"))
     metrics = record["metrics"]
     assert record["samples"] == 100 and record["captions"] == 200

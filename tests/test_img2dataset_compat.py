@@ -13,9 +13,7 @@ import pyarrow.parquet as pq
 
 from pipeline.crawl.run import crawl
 from pipeline.world import World, WorldServer
-from tests.conftest import crawl_config, world_config
-
-
+from support import crawl_config, world_config
 def _tar_names(folder):
     return {os.path.basename(p): sorted(tarfile.open(p).getnames()) for p in glob.glob(f"{folder}/*.tar")}
 

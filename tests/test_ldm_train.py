@@ -15,11 +15,12 @@ import torch
 import webdataset as wds
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
-from conftest import ROOT, kill_then_resume, stage_config, subprocess_env, write_world_shards
+from pipeline.world.shards import write_world_shards
+from support import ROOT, kill_then_resume, stage_config, subprocess_env
 from pipeline.encode.run import encode
-from training.autoencoder import SYMMETRIC_MEAN, SYMMETRIC_STD, psnr
+from training.diffusion.autoencoder import SYMMETRIC_MEAN, SYMMETRIC_STD, psnr
 from training.train import train
-from training.transforms import EvalTransform
+from training.data.transforms import EvalTransform
 
 FIXED = ["data.num_workers=0", "data.shuffle_buffer=0", "data.crop_scale=[1,1]", "trainer.enable_progress_bar=false"]
 
@@ -66,7 +67,7 @@ def test_unet_overfits_four_captions_and_the_pipeline_draws_them_back(four, tiny
     train(stage_config("train", "task=ldm", f"data.path={four['shards']}", f"vae={four['vae']}", f"clip={tiny_clip}",
                        f"output={tmp_path}/run", "data.batch_size=4", "trainer.max_steps=800", "module.optimizer.lr=1e-3",
                        "module.warmup_steps=20", "module.ema_decay=0.99", "checkpoint_every=10000", *FIXED,
-                       "+callbacks.samples._target_=training.diffusion_export.SampleGrid",
+                       "+callbacks.samples._target_=training.diffusion.export.SampleGrid",
                        f"+callbacks.samples.prompts=[{captions[0]}]", "+callbacks.samples.every_n_steps=400",
                        "+callbacks.samples.steps=5"))
     pipeline = StableDiffusionPipeline.from_pretrained(f"{tmp_path}/run/pipeline")  # offline, from the folder alone
@@ -94,8 +95,8 @@ def test_unet_overfits_four_captions_and_the_pipeline_draws_them_back(four, tiny
 
 
 def test_cached_latents_give_the_same_loss_as_encoding_on_the_fly(four, tiny_clip, tmp_path):
-    from training.data import ClipDataModule
-    from training.recipes import ldm_recipe
+    from training.data.datamodule import ShardDataModule
+    from training.diffusion.recipe import ldm_recipe
 
     cache = f"{tmp_path}/cache"
     manifest = encode(stage_config("encode", f"input={four['shards']}", f"output={cache}", f"vae={four['vae']}",
@@ -103,9 +104,9 @@ def test_cached_latents_give_the_same_loss_as_encoding_on_the_fly(four, tiny_cli
     assert manifest["counts"] == {"samples": 4, "errors": 0, "shards": 1}
     cfg = stage_config("train", "task=ldm", f"data.path={four['shards']}", f"vae={four['vae']}", f"clip={tiny_clip}",
                        f"output={tmp_path}/run", "data.batch_size=4", *FIXED)
-    on_the_fly = ClipDataModule(four["shards"], batch_size=4, num_workers=0, shuffle_buffer=0)
+    on_the_fly = ShardDataModule(four["shards"], batch_size=4, num_workers=0, shuffle_buffer=0)
     module = ldm_recipe(cfg, on_the_fly, f"{tmp_path}/run").module
-    cached = ClipDataModule(cache, batch_size=4, num_workers=0, shuffle_buffer=0)
+    cached = ShardDataModule(cache, batch_size=4, num_workers=0, shuffle_buffer=0)
     cached.attach(None, 32, None)
     images, latents = next(on_the_fly.preview(1)), next(cached.preview(1))
     assert images["keys"] == latents["keys"] and "pixel_values" not in latents

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import mlflow_server, stage_config
+from support import mlflow_server, stage_config
 from pipeline.filter.run import filter_samples
 
 
@@ -67,8 +67,7 @@ def test_threshold_sweep_trains_and_evaluates_a_model_per_value(world_lists, tin
                f"clip={tiny_clip}", "filter=clip_score", "filter.clip_score.min=null",
                "filter.clip_score.top_fraction=0.5,0.9", "+sweep_model=clip_zeroshot",
                f"+sweep_model.datasets.colour={tmp_path / 'colour'}",
-               'sweep_model.train_overrides=["task=clip","data.batch_size=16","trainer.max_steps=6",'
-               '"data.num_workers=0","trainer.enable_progress_bar=false","checkpoint_every=1000"]',
+               "sweep_model.overrides=[data.batch_size=16,trainer.max_steps=6,data.num_workers=0]",
                "crawl.allow_networks=[127.0.0.1/32]", "crawl.image_size=64", "crawl.timeout=1", "crawl.retries=1",
                "crawl.retry_backoff=0.05", "crawl.progress=false", "annotate.progress=false", "shard.progress=false",
                "crawl.ray.num_cpus=2", f"hydra.sweep.dir={tmp_path}/multirun"]

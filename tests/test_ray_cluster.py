@@ -17,8 +17,7 @@ import urllib.request
 
 import pytest
 
-from conftest import kill_session, subprocess_env
-
+from support import kill_session, subprocess_env
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 
@@ -128,14 +127,14 @@ def test_lineage_from_an_evaluation_back_to_the_crawl(ray_head, cluster_jobs, tm
     artifacts), each equal to the file on disk."""
     import mlflow
 
-    from conftest import eval_config, stage_config
+    from support import eval_config, stage_config
     from evaluation.run import evaluate
     from pipeline.eval_set.export import export_eval_set
 
     uri = ray_head["env"]["MLFLOW_TRACKING_URI"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     export_eval_set(stage_config("eval_set", "attribute=colour", f"output={tmp_path / 'colour'}", "n=30"))
-    evaluate(eval_config(f"model={cluster_jobs['run'] / 'clip'}", f"dataset={tmp_path / 'colour'}",
+    evaluate(eval_config(f"clip={cluster_jobs['run'] / 'clip'}", f"dataset={tmp_path / 'colour'}",
                          f"output={tmp_path / 'result.json'}", "progress=false"))
     client = mlflow.MlflowClient(uri)
     (evaluation,) = client.search_runs([client.get_experiment_by_name("pixelmill-zeroshot").experiment_id])
@@ -157,12 +156,14 @@ def test_lineage_from_an_evaluation_back_to_the_crawl(ray_head, cluster_jobs, tm
 
 
 def test_ray_launcher_refuses_what_it_cannot_run(tmp_path):
-    from conftest import stage_config
+    from support import stage_config
     from training.errors import UserError
-    from training.ray_launch import train_on_ray
+    from hydra.utils import instantiate
 
     base = ["launcher=ray", f"data.path={tmp_path}", f"output={tmp_path / 'run'}"]
     with pytest.raises(UserError, match="launcher=ray runs data-parallel .DDP. workers; trainer.strategy=.*ModelParallel"):
-        train_on_ray(stage_config("train", *base, "trainer=fsdp"))
+        cfg = stage_config("train", *base, "trainer=fsdp")
+        instantiate(cfg.launcher)(cfg)
     with pytest.raises(UserError, match="launcher.num_workers=0; expected at least 1"):
-        train_on_ray(stage_config("train", *base, "launcher.num_workers=0"))
+        cfg = stage_config("train", *base, "launcher.num_workers=0")
+        instantiate(cfg.launcher)(cfg)

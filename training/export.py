@@ -1,7 +1,6 @@
 """Exports while training runs: `FolderExport`, the callback that rewrites a task's output folder after
-every validation and at the end of training, atomically so a reader never sees half of one; and
-`ExportClip`, the CLIP model as a `transformers` folder (`CLIPModel.from_pretrained`) with its tokenizer and
-image processor."""
+every validation and at the end of training, atomically so a reader never sees half of one. Each model
+family says what it writes (`training/clip/export.py`, `training/diffusion/export.py`)."""
 
 from __future__ import annotations
 
@@ -11,9 +10,6 @@ from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
-from transformers import CLIPModel
-
-from training.clip_model import ClipBundle, ContrastiveClip, image_processor_for, save_clip
 
 
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -21,20 +17,6 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def gather_clip(trainer: pl.Trainer, pl_module: pl.LightningModule) -> CLIPModel | None:
-    """The model being trained as a plain CLIPModel on rank 0's CPU (None elsewhere), whatever the strategy:
-    gathered from the root that FSDP sharded (ContrastiveClip), then the CLIPModel's part of it. Every rank
-    must call it."""
-    config = pl_module.net.clip.config
-    whole = full_state_dict(pl_module.net)  # on rank 0 only: the others get an empty dict
-    if not trainer.is_global_zero:
-        return None
-    state = ContrastiveClip.export_state({k.removeprefix("clip."): v for k, v in whole.items() if k.startswith("clip.")})
-    fresh = CLIPModel(config)  # on CPU, not meta: non-persistent buffers (position ids) are not in `state`
-    fresh.load_state_dict(state)
-    return fresh.eval()
 
 
 def replace_folder(folder: str, save: Callable[[str], None]) -> None:
@@ -70,16 +52,3 @@ class FolderExport(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.export(trainer, pl_module)
-
-
-class ExportClip(FolderExport):
-    def __init__(self, folder: str, tokenizer):
-        super().__init__(folder)
-        self.tokenizer = tokenizer
-
-    def saver(self, trainer, pl_module):
-        fresh = gather_clip(trainer, pl_module)
-        if fresh is None:
-            return None
-        bundle = ClipBundle(fresh, self.tokenizer, image_processor_for(fresh.config.vision_config.image_size))
-        return lambda staging: save_clip(staging, bundle)

@@ -1,5 +1,5 @@
 """`python -m training.train task=clip|vae|ldm data.path=<shards> output=<dir> [trainer=cpu|ddp|fsdp|gpu] [any option]`
-(`launcher=ray launcher.num_workers=N`: the same training on N Ray Train workers, see `training/ray_launch.py`)
+(`launcher=ray launcher.num_workers=N`: the same training on N Ray Train workers, see `training/launchers.py`)
 
 `train(cfg)` reads as a checklist: data → the task's recipe (model, module, export) → callbacks → logger →
 trainer → fit.
@@ -20,8 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, ThroughputMonitor
 from pytorch_lightning.utilities import rank_zero_only
 
-from training.errors import UserError, run_command
-from training.recipes import RECIPES
+from training.errors import run_command
 from training.tracking import data_lineage, experiment_name, flatten, sweep_parent_run, tracking_uri
 
 LAST_CHECKPOINT = "checkpoints/last.ckpt"
@@ -66,10 +65,8 @@ def train(cfg: DictConfig, prepare=None) -> float:
     os.makedirs(output, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
-    if cfg.task_name not in RECIPES:
-        raise UserError(f"task_name={cfg.task_name!r}; training knows {', '.join(RECIPES)}")
     datamodule = instantiate(cfg.data)
-    recipe = RECIPES[cfg.task_name](cfg, datamodule, output)
+    recipe = instantiate(cfg.recipe)(cfg, datamodule, output)  # the task's own: training/<family>/recipe.py
     module = recipe.module
     callbacks = [
         ModelCheckpoint(dirpath=os.path.join(output, "checkpoints"), every_n_train_steps=int(cfg.checkpoint_every),
@@ -106,11 +103,8 @@ def train(cfg: DictConfig, prepare=None) -> float:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    if cfg.launcher.name == "ray":
-        from training.ray_launch import train_on_ray
-
-        return run_command(train_on_ray, cfg)
-    return run_command(train, cfg)
+    launcher = instantiate(cfg.launcher)  # conf/launcher: this process (default) or Ray Train workers
+    return run_command(launcher, cfg)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ class ClipScorer:
     def __init__(self, clip_path: str, threads: int | None = None):
         from transformers.utils import logging as hf_logging
 
-        from training.clip_model import load_clip
+        from training.clip.model import load_clip
 
         hf_logging.disable_progress_bar()
         if threads:

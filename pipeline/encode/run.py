@@ -42,9 +42,9 @@ class ShardEncoder:
     def __init__(self, cfg: dict):
         import torch
 
-        from training.autoencoder import SYMMETRIC_MEAN, SYMMETRIC_STD, load_vae
-        from training.diffusion import load_text_encoder
-        from training.transforms import EvalTransform
+        from training.diffusion.autoencoder import SYMMETRIC_MEAN, SYMMETRIC_STD, load_vae
+        from training.diffusion.unet import load_text_encoder
+        from training.data.transforms import EvalTransform
 
         torch.set_num_threads(max(1, int(cfg.get("threads_per_actor") or 1)))
         self.cfg, self.torch = cfg, torch
@@ -64,7 +64,7 @@ class ShardEncoder:
             return self.transform(image), caption, ext
 
     def _encode(self, items: list, writer: TarSampleWriter) -> None:
-        from training.diffusion import encode_text
+        from training.diffusion.unet import encode_text
 
         with self.torch.no_grad():
             moments = self.vae.encode(self.torch.stack([i["pixels"] for i in items])).latent_dist.parameters
@@ -126,8 +126,8 @@ def encode(cfg: DictConfig | dict) -> dict:
             cfg[key] = os.path.abspath(os.path.expanduser(str(cfg[key])))
     if cfg["dtype"] not in DTYPES:
         raise StageError(f"dtype={cfg['dtype']!r}; expected float32 or float16")
-    from training.autoencoder import vae_folder
-    from training.diffusion import require_text_encoder_folder
+    from training.diffusion.autoencoder import vae_folder
+    from training.diffusion.unet import require_text_encoder_folder
 
     vae_folder(cfg["vae"]), require_text_encoder_folder(cfg["clip"])  # a bad folder fails here, before Ray starts
     source, out = Location(cfg["input"]), Location(cfg["output"])

@@ -1,0 +1,96 @@
+"""Zero-shot classification and retrieval of a CLIP model (a `transformers` CLIPModel with its tokenizer)
+on an eval set: embeddings in, metrics from `evaluation.zeroshot.metrics` out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from evaluation.zeroshot.datasets import EvalSet
+from evaluation.zeroshot.metrics import classification_metrics, retrieval_metrics
+from evaluation.zeroshot.templates import fill
+from training.errors import UserError
+from training.data.transforms import EvalTransform
+
+
+@dataclass
+class ClipEncoder:
+    """What evaluation needs of a CLIP: normalised image and text embeddings, batched, without gradients."""
+
+    model: torch.nn.Module  # CLIPModel
+    tokenizer: object
+    image_size: int
+    mean: tuple
+    std: tuple
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def from_bundle(cls, bundle, device="cpu") -> ClipEncoder:
+        processor = bundle.image_processor
+        size = bundle.model.config.vision_config.image_size
+        return cls(bundle.model.to(device).eval(), bundle.tokenizer, size, tuple(processor.image_mean),
+                   tuple(processor.image_std), torch.device(device))
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.config.text_config.max_position_embeddings)
+
+    def transform(self) -> EvalTransform:
+        return EvalTransform(self.image_size, mean=self.mean, std=self.std)
+
+    @torch.no_grad()
+    def images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model.get_image_features(pixel_values=pixel_values.to(self.device))
+        return F.normalize(out.pooler_output.float(), dim=-1).cpu()  # (B, D)
+
+    @torch.no_grad()
+    def texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        parts = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(texts[start:start + batch_size], padding="max_length", truncation=True,
+                                    max_length=self.context_length, return_tensors="pt").to(self.device)
+            out = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            parts.append(F.normalize(out.pooler_output.float(), dim=-1).cpu())
+        return torch.cat(parts)  # (T, D)
+
+
+def text_classifier(encoder: ClipEncoder, classnames: list[str], templates: list[str]) -> torch.Tensor:
+    """(C, D): per class, the mean of its normalised template embeddings, normalised again (CLIP's recipe)."""
+    texts = [fill(t, name) for name in classnames for t in templates]
+    embeddings = encoder.texts(texts).view(len(classnames), len(templates), -1)
+    return F.normalize(embeddings.mean(1), dim=-1)
+
+
+def encode_set(encoder: ClipEncoder, eval_set: EvalSet, batch_size: int, num_workers: int, progress: bool = True):
+    """(image features (N, D), labels (N,), captions per image)."""
+    features, labels, captions = [], [], []
+    loader = eval_set.loader(encoder.transform(), batch_size, num_workers)
+    for batch in tqdm(loader, desc=f"embed {eval_set.name}", unit="batch", disable=not progress, leave=False):
+        features.append(encoder.images(batch["pixel_values"]))
+        labels.append(batch["labels"])
+        captions.extend(batch["captions"])
+    return torch.cat(features), torch.cat(labels), captions
+
+
+def zeroshot_classification(encoder: ClipEncoder, eval_set: EvalSet, classnames: list[str], templates: list[str],
+                            batch_size: int = 64, num_workers: int = 2, progress: bool = True) -> dict:
+    features, labels, _ = encode_set(encoder, eval_set, batch_size, num_workers, progress)
+    if (labels < 0).any() or (labels >= len(classnames)).any():
+        bad = int(labels[(labels < 0) | (labels >= len(classnames))][0])
+        raise UserError(f"{eval_set.path}: class index {bad} outside classnames.txt's {len(classnames)} classes")
+    classifier = text_classifier(encoder, classnames, templates)
+    result = classification_metrics(features @ classifier.T, labels, len(classnames))
+    result["samples"] = len(labels)
+    return result
+
+
+def retrieval(encoder: ClipEncoder, eval_set: EvalSet, batch_size: int = 64, num_workers: int = 2, chunk: int = 1024,
+              progress: bool = True) -> dict:
+    features, _, captions = encode_set(encoder, eval_set, batch_size, num_workers, progress)
+    texts = [c for per_image in captions for c in per_image]
+    text_image = torch.tensor([i for i, per_image in enumerate(captions) for _ in per_image])
+    metrics = retrieval_metrics(features, encoder.texts(texts), text_image, chunk=chunk)
+    return {"metrics": metrics, "samples": len(captions), "captions": len(texts)}

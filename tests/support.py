@@ -1,0 +1,144 @@
+"""What tests share besides fixtures: paths, the real configs composed with test overrides, commands run
+and killed as a user would, a real MLflow server, and stand-in prompt files. Test modules import it as
+`support` (pytest puts tests/ on the path); the world's training shards are `pipeline.world.shards`."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHARED = ROOT.parent / "shared"
+DRAWBENCH_CSV = SHARED / "data" / "drawbench.csv"  # the 200 official prompts: beside the clone in CI, not in it
+# Prompts per category in the paper's DrawBench (Saharia et al., 2022, appendix).
+DRAWBENCH_COUNTS = {"Colors": 25, "Conflicting": 10, "Counting": 19, "DALL-E": 20, "Descriptions": 20,
+                    "Gary Marcus et al.": 10, "Misspellings": 10, "Positional": 20, "Rare Words": 7, "Reddit": 38,
+                    "Text": 21}
+needs_official_drawbench = pytest.mark.skipif(
+    not DRAWBENCH_CSV.exists(), reason=f"the official DrawBench prompts ({DRAWBENCH_CSV}) are not beside this clone")
+
+
+def drawbench_like_csv(path: Path) -> Path:
+    """A stand-in with DrawBench's shape (`prompt,category`, 200 prompts in its 11 categories, a quoted
+    comma) for tests that need that shape but not the official text."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["prompt", "category"])
+        for category, count in DRAWBENCH_COUNTS.items():
+            for i in range(count):
+                writer.writerow([f"{category.lower()} picture {i}, with a comma", category])
+    return path
+
+
+def world_config(**overrides):
+    cfg = OmegaConf.load(CONF / "world" / "default.yaml")
+    cfg.n = 120
+    cfg.slow_seconds = 2.5
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def crawl_config(*overrides: str):
+    """The real conf/crawl.yaml, with the settings every test crawl of the world needs."""
+    base = ["allow_networks=[127.0.0.1/32]", "timeout=1", "retries=1", "retry_backoff=0.05",
+            "number_sample_per_shard=40", "image_size=64", "max_bytes=1048576", "progress=false"]
+    return stage_config("crawl", *base, *overrides)
+
+
+def read_rows(folder) -> list[dict]:
+    """Every row of a crawl's per-shard parquet files, in key order."""
+    return pa.concat_tables([pq.read_table(p) for p in sorted(glob.glob(f"{folder}/0*.parquet"))]).to_pylist()
+
+
+def stage_config(name: str, *overrides: str, folder: Path = CONF):
+    """A stage's real config from conf/ (or a folder of it), with overrides."""
+    with initialize_config_dir(config_dir=str(folder), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+def eval_config(*overrides: str):
+    """conf/evaluate.yaml, as `python -m evaluation.run` composes it."""
+    return stage_config("evaluate", *overrides)
+
+
+def subprocess_env(tracking_uri: str = "sqlite:///unused.db") -> dict:
+    """The environment for a command run as a user would: offline, MLflow where the test says."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """kill -9 the command and everything it started (its local Ray, its loader workers, DDP ranks)."""
+    os.killpg(process.pid, signal.SIGKILL)
+    subprocess.run(["pkill", "-KILL", "-s", str(process.pid)], check=False)
+    process.wait(timeout=30)
+
+
+def kill_when(command: list[str], ready, deadline_s: float = 120, poll_s: float = 0.02, env: dict | None = None) -> None:
+    """Run `command` in its own session and kill -9 it as soon as `ready()` holds; fails if it ends first."""
+    process = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + deadline_s
+    while not ready():
+        assert process.poll() is None and time.time() < deadline, "the command ended before it could be killed"
+        time.sleep(poll_s)
+    kill_session(process)
+
+
+def kill_then_resume(command: list[str], checkpoint: Path, kill_at: int, final_step: int, env: dict) -> int:
+    """Training killed with -9 once `checkpoint` holds step `kill_at` or later, then the same command run
+    again: it must finish at `final_step` from the checkpoint. Returns the step it was killed at."""
+    kill_when(command, lambda: checkpoint_step(checkpoint) >= kill_at, deadline_s=90, poll_s=0.5, env=env)
+    killed_at = checkpoint_step(checkpoint)
+    assert kill_at <= killed_at < final_step
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"step {final_step} (resumed)" in result.stdout
+    return killed_at
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step of a Lightning checkpoint, -1 while there is none."""
+    import torch
+
+    return torch.load(path, weights_only=False)["global_step"] if path.exists() else -1
+
+
+@contextmanager
+def mlflow_server(folder: Path):
+    """A real `mlflow server` on 127.0.0.1 (sqlite store and artifacts under `folder`); yields its URI."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{folder}/server.db", "--workers", "1",
+                               "--artifacts-destination", str(folder / "artifacts")],
+                              cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(server.pid, 9)
+        server.wait(timeout=30)

@@ -1,0 +1,256 @@
+"""Image–caption WebDataset shards for CLIP training: a stream per loader worker and a LightningDataModule.
+
+A worker's stream reads as a list of stages (open_clip's layout):
+  its shards (training.data.shards plan) → tar samples → its share → shuffle buffer → skip what a resumed run
+  already trained → decode + transform (corrupt samples dropped and counted) → tokenise in batches.
+Batches are dicts: pixel_values (B, 3, S, S), input_ids and attention_mask (B, T) when a tokenizer is
+attached, keys, captions, corrupt (how many samples were dropped since the previous batch of that worker).
+Shards that `pipeline.encode` wrote hold the frozen encoders' outputs instead of pixels: their batches carry
+latent_moments (B, 2C, h, w) and text_states (B, T, D).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import zlib
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from training.clip.model import CLIP_MEAN, CLIP_STD
+from training.data.shards import ShardList, SlotPlan, list_shards, plan_epoch
+from training.data.transforms import EvalTransform, TrainTransform
+
+log = logging.getLogger(__name__)
+# Members that `pipeline.encode` writes: the VAE posterior's mean and log-variance, the text encoder's states.
+LATENT_KEY, TEXT_STATES_KEY = "latent.npy", "text.npy"
+TOP_UP_PASSES = 3  # an exact-epoch slot short of its quota (corrupt samples) rereads its shards, at most this often
+
+
+class ShardStream(IterableDataset):
+    """The batches of one rank for one epoch; each loader worker reads its own slot of the plan."""
+
+    def __init__(self, shards: ShardList, *, tokenizer, transform, batch_size: int, context_length: int | None, epoch: int,
+                 seed: int, rank: int, world: int, workers: int, resampled: bool, epoch_samples: int | None,
+                 skip_batches: int = 0, shuffle_buffer: int = 1000, shuffle_initial: int = 100,
+                 image_keys: str = "jpg;jpeg;png;webp", caption_key: str = "txt"):
+        super().__init__()
+        self.tokenizer, self.transform = tokenizer, transform
+        self.batch_size, self.context_length = int(batch_size), context_length
+        self.seed, self.epoch, self.resampled = int(seed), int(epoch), bool(resampled)
+        self.shuffle_buffer, self.shuffle_initial = int(shuffle_buffer), int(shuffle_initial)
+        self.image_keys, self.caption_key = image_keys.split(";"), caption_key
+        self.plans = plan_epoch(shards, epoch=epoch, seed=seed, rank=rank, world=world, workers=workers,
+                                batch_size=self.batch_size, resampled=resampled, epoch_samples=epoch_samples,
+                                skip_batches=skip_batches)
+
+    def __len__(self) -> int:
+        """Batches in the whole epoch, including any a resumed run skips (Lightning counts those as done)."""
+        return sum(p.batches for p in self.plans)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info else 0
+        if info and info.num_workers != len(self.plans):
+            raise RuntimeError(f"stream planned for {len(self.plans)} workers runs in {info.num_workers}")
+        plan = self.plans[worker]
+        batches = wds.batched(self.batch_size, collation_fn=self._collate, partial=False)(self._samples(plan))
+        yield from itertools.islice(batches, plan.batches - plan.skip_batches)
+
+    def _read(self, plan: SlotPlan, urls, seed: int):
+        """Samples of `urls`, this slot's share, through the shuffle buffer."""
+        samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)({"url": url} for url in urls)
+        if plan.stride > 1:
+            samples = itertools.islice(samples, plan.offset, None, plan.stride)
+        if self.shuffle_buffer > 1:
+            samples = wds.shuffle(self.shuffle_buffer, self.shuffle_initial, seed=seed)(samples)
+        return samples
+
+    def _samples(self, plan: SlotPlan):
+        if self.resampled:
+            rng = np.random.default_rng(plan.seed)
+            draws = (plan.urls[int(rng.integers(len(plan.urls)))] for _ in itertools.count())
+            samples = self._read(plan, draws, plan.seed)
+        else:
+            # Each pass is shuffled on its own, so a top-up pass (only reached when corrupt samples left the
+            # slot short) never mixes into the first.
+            samples = itertools.chain.from_iterable(self._read(plan, plan.urls, plan.seed + p) for p in range(TOP_UP_PASSES))
+        # A resumed run skips what it trained, before any decoding: the stream is a function of the plan.
+        samples = itertools.islice(samples, plan.skip_batches * self.batch_size, None)
+        self._corrupt = 0
+        for sample in samples:
+            decoded = self._decode(sample)
+            if decoded is None:
+                self._corrupt += 1
+            else:
+                yield decoded
+
+    def _decode(self, sample: dict) -> dict | None:
+        """Image tensor + caption, or None for a sample that cannot be used (logged, never raised)."""
+        key = sample.get("__key__", "?")
+        try:
+            caption = sample[self.caption_key].decode("utf-8").strip()
+            if LATENT_KEY in sample:
+                return {"key": key, "caption": caption, "latent_moments": _array(sample[LATENT_KEY]),
+                        "text_states": _array(sample[TEXT_STATES_KEY])}
+            data = next(sample[k] for k in self.image_keys if k in sample)
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                # The augmentation depends on (seed, epoch, key) only: the same on a rerun or a resume.
+                rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(key.encode())])
+                pixels = self.transform(image, rng)
+        except Exception as error:  # truncated JPEG, missing member, bad UTF-8: skip, count, go on
+            log.warning("skipping sample %s: %s", key, (str(error) or type(error).__name__)[:200])
+            return None
+        return {"key": key, "caption": caption, "pixels": pixels}
+
+    def _collate(self, samples: list[dict]) -> dict[str, Any]:
+        corrupt, self._corrupt = self._corrupt, 0
+        captions = [s["caption"] for s in samples]
+        batch = {"keys": [s["key"] for s in samples], "captions": captions, "corrupt": torch.tensor(corrupt)}
+        for name in ("pixels", "latent_moments", "text_states"):
+            if name in samples[0]:
+                batch["pixel_values" if name == "pixels" else name] = torch.stack([s[name] for s in samples])
+        if self.tokenizer is not None:
+            tokens = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.context_length,
+                                    return_tensors="pt")
+            batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
+        return batch
+
+
+def _array(data: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32, copy=False))
+
+
+class EpochLoader:
+    """What the Trainer iterates: a DataLoader over this epoch's stream, built when the epoch starts, so the
+    epoch number and a resume position reach the workers."""
+
+    def __init__(self, datamodule: ShardDataModule, train: bool):
+        self.datamodule, self.train = datamodule, train
+
+    def _stream(self) -> ShardStream:
+        return self.datamodule.stream(self.train)
+
+    def __len__(self) -> int:
+        return len(self._stream())
+
+    def __iter__(self):
+        # A generator: nothing starts until the first batch is asked for (Lightning calls iter() early to
+        # check that the loader is iterable).
+        stream = self._stream()
+        self.datamodule.started_epoch(self.train, stream)
+        workers = self.datamodule.num_workers
+        yield from DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
+                              pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
+
+
+class ShardDataModule(pl.LightningDataModule):
+    """Training and validation batches from WebDataset shards. `batch_size` is per rank; an epoch is
+    `epoch_samples` samples over all ranks (default: the training shards' size). `attach` gives it the
+    tokenizer (None: captions stay text), image size and pixel normalisation once the model is known."""
+
+    def __init__(self, path: str, batch_size: int = 64, num_workers: int = 2, val_path: str | None = None,
+                 val_shards: int = 0, resampled: bool = False, epoch_samples: int | None = None,
+                 shuffle_buffer: int = 1000, shuffle_initial: int = 100, seed: int = 0,
+                 crop_scale: tuple = (0.9, 1.0), flip: bool = False, image_keys: str = "jpg;jpeg;png;webp",
+                 caption_key: str = "txt"):
+        super().__init__()
+        self.path, self.val_path, self.val_shards = path, val_path, int(val_shards)
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.resampled, self.epoch_samples = bool(resampled), epoch_samples
+        self.shuffle_buffer, self.shuffle_initial, self.seed = shuffle_buffer, shuffle_initial, int(seed)
+        self.crop_scale, self.flip = tuple(crop_scale), bool(flip)
+        self.image_keys, self.caption_key = image_keys, caption_key
+        self.train_shards, self.validation_shards = self._split()
+        self.tokenizer, self.image_size, self.context_length = None, None, None
+        self.mean, self.std, self._attached = CLIP_MEAN, CLIP_STD, False
+        self._resume: dict | None = None  # from a checkpoint: {"epoch", "batches"}
+        self._trained = {"epoch": -1, "batches": 0}
+
+    def _split(self) -> tuple[ShardList, ShardList | None]:
+        shards = list_shards(self.path)
+        if self.val_path:
+            return shards, list_shards(self.val_path)
+        if self.val_shards:
+            return shards.split(self.val_shards)
+        return shards, None
+
+    def attach(self, tokenizer, image_size: int, context_length: int | None, mean=CLIP_MEAN, std=CLIP_STD) -> None:
+        self.tokenizer, self.image_size, self.context_length = tokenizer, int(image_size), context_length
+        self.mean, self.std, self._attached = tuple(mean), tuple(std), True
+
+    def captions(self, limit: int | None = None) -> list[str]:
+        """Training captions (for a tokenizer), in shard order."""
+        samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)({"url": u} for u in self.train_shards.urls)
+        texts = (s[self.caption_key].decode("utf-8", "replace") for s in samples if self.caption_key in s)
+        return list(itertools.islice(texts, limit))
+
+    def _layout(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def stream(self, train: bool) -> ShardStream:
+        rank, world = self._layout()
+        if not train:
+            return self._unaugmented(self.validation_shards, rank, world, max(1, self.num_workers))
+        self._require_attached()
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        skip = self._resume["batches"] if self._resume and self._resume["epoch"] == epoch else 0
+        return ShardStream(self.train_shards, transform=TrainTransform(self.image_size, scale=self.crop_scale, flip=self.flip,
+                                                                         mean=self.mean, std=self.std),
+                               batch_size=self.batch_size, epoch=epoch, resampled=self.resampled,
+                               epoch_samples=self.epoch_samples, skip_batches=skip, shuffle_buffer=self.shuffle_buffer,
+                               shuffle_initial=self.shuffle_initial, **self._common(rank, world, max(1, self.num_workers)))
+
+    def preview(self, batches: int):
+        """Up to `batches` unaugmented batches in this process, from the validation shards if there are any,
+        else from the training shards (for measurements such as the latent scale)."""
+        return itertools.islice(iter(self._unaugmented(self.validation_shards or self.train_shards, 0, 1, 1)), batches)
+
+    def _unaugmented(self, shards: ShardList, rank: int, world: int, workers: int) -> ShardStream:
+        """Every sample once, in shard order, resized and centre-cropped (validation, measurements)."""
+        self._require_attached()
+        batch = max(1, min(self.batch_size, shards.samples // (world * workers)))
+        return ShardStream(shards, transform=EvalTransform(self.image_size, self.mean, self.std), batch_size=batch,
+                               epoch=0, resampled=False, epoch_samples=None, shuffle_buffer=0,
+                               **self._common(rank, world, workers))
+
+    def _common(self, rank: int, world: int, workers: int) -> dict:
+        return dict(tokenizer=self.tokenizer, context_length=self.context_length, seed=self.seed, rank=rank, world=world,
+                    workers=workers, image_keys=self.image_keys, caption_key=self.caption_key)
+
+    def _require_attached(self) -> None:
+        if not self._attached:
+            raise RuntimeError("ShardDataModule.attach(tokenizer, image_size, context_length) was not called")
+
+    def started_epoch(self, train: bool, stream: ShardStream) -> None:
+        if train:
+            skipped = sum(p.skip_batches for p in stream.plans)
+            self._trained = {"epoch": stream.epoch, "batches": skipped}
+            self._resume = None
+
+    def train_dataloader(self):
+        return EpochLoader(self, train=True)
+
+    def val_dataloader(self):
+        return EpochLoader(self, train=False) if self.validation_shards else []
+
+    # Resume position: counted as batches reach the model, saved in checkpoints by Lightning.
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer is not None and self.trainer.training:
+            self._trained["batches"] += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return dict(self._trained)
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state)
