@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install test demo bench bench-curate bench-train bench-eval bench-ldm bench-drawbench clean
+.PHONY: install lint format test demo bench bench-curate bench-train bench-eval bench-ldm bench-drawbench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ $(BROWSER_STAMP):
 	@touch $@
 
 install: $(STAMP)
+
+# ruff (configured in pyproject.toml, line length 120): `make lint` checks, `make format` rewrites.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 test: $(STAMP) $(BROWSER_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -52,10 +52,23 @@ def run_img2dataset(urls, out, args) -> float:
     from img2dataset import download
 
     started = time.time()
-    download(url_list=urls, input_format="parquet", url_col="url", caption_col="caption", output_format="webdataset",
-             output_folder=out, processes_count=args.processes, thread_count=args.threads, image_size=args.image_size,
-             resize_mode=args.resize_mode, number_sample_per_shard=args.per_shard, timeout=10, retries=0,
-             enable_wandb=False, distributor="multiprocessing")
+    download(
+        url_list=urls,
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        output_format="webdataset",
+        output_folder=out,
+        processes_count=args.processes,
+        thread_count=args.threads,
+        image_size=args.image_size,
+        resize_mode=args.resize_mode,
+        number_sample_per_shard=args.per_shard,
+        timeout=10,
+        retries=0,
+        enable_wandb=False,
+        distributor="multiprocessing",
+    )
     return time.time() - started
 
 
@@ -67,10 +80,22 @@ def run_pixelmill(urls, out, args) -> float:
 
     init_ray(args.processes)  # started before the clock, as img2dataset's pool is not pre-started: see "end to end"
     with initialize_config_dir(config_dir=os.path.join(os.path.dirname(HERE), "conf"), version_base="1.3"):
-        cfg = compose("crawl", overrides=[
-            f"input={urls}", f"output={out}", "allow_networks=[127.0.0.1/32]", f"processes={args.processes}",
-            f"concurrency={args.threads}", f"image_threads={args.image_threads}", f"image_size={args.image_size}",
-            f"resize_mode={args.resize_mode}", f"number_sample_per_shard={args.per_shard}", "retries=0", "progress=false"])
+        cfg = compose(
+            "crawl",
+            overrides=[
+                f"input={urls}",
+                f"output={out}",
+                "allow_networks=[127.0.0.1/32]",
+                f"processes={args.processes}",
+                f"concurrency={args.threads}",
+                f"image_threads={args.image_threads}",
+                f"image_size={args.image_size}",
+                f"resize_mode={args.resize_mode}",
+                f"number_sample_per_shard={args.per_shard}",
+                "retries=0",
+                "progress=false",
+            ],
+        )
     started = time.time()
     crawl(cfg)
     return time.time() - started
@@ -93,7 +118,9 @@ def main() -> None:
 
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Queue()
-    server = ctx.Process(target=serve, args=(args.n, args.source_size, os.path.join(args.out, "world"), ready), daemon=True)
+    server = ctx.Process(
+        target=serve, args=(args.n, args.source_size, os.path.join(args.out, "world"), ready), daemon=True
+    )
     server.start()
     print(f"rendering {args.n} world images of {args.source_size}px for the server…", flush=True)
     urls = ready.get(timeout=900)
@@ -107,9 +134,11 @@ def main() -> None:
     finally:
         server.terminate()
 
-    print(f"\ncrawl of {args.n} URLs, {args.source_size}px JPEGs → {args.image_size}px {args.resize_mode}; "
-          f"{args.processes} processes × {args.threads} threads (pixelmill: {args.image_threads} image threads); "
-          f"{os.cpu_count()} CPUs, server on the same machine")
+    print(
+        f"\ncrawl of {args.n} URLs, {args.source_size}px JPEGs → {args.image_size}px {args.resize_mode}; "
+        f"{args.processes} processes × {args.threads} threads (pixelmill: {args.image_threads} image threads); "
+        f"{os.cpu_count()} CPUs, server on the same machine"
+    )
     print(f"{'tool':<14}{'images':>8}{'window img/s':>15}{'end-to-end img/s':>19}{'wall s':>9}")
     for name, (rate, e2e, images, wall) in results.items():
         print(f"{name:<14}{images:>8}{rate:>15.1f}{e2e:>19.1f}{wall:>9.1f}")

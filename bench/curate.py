@@ -44,7 +44,14 @@ def make_raw(folder: str, samples: int, per_shard: int) -> list[str]:
             row = world.rows[i]
             captions.append(row["caption"])
             meta = {"url": f"world/{i}", "original_width": 128, "original_height": 128}
-            writer.add({"__key__": f"{i:09d}", "jpg": world.image_bytes(i), "txt": row["caption"].encode(), "json": json.dumps(meta).encode()})
+            writer.add(
+                {
+                    "__key__": f"{i:09d}",
+                    "jpg": world.image_bytes(i),
+                    "txt": row["caption"].encode(),
+                    "json": json.dumps(meta).encode(),
+                }
+            )
         writer.close()
     return captions
 
@@ -82,14 +89,25 @@ def make_meta(folder: str, rows: int, seed: int = 0) -> None:
     sha[copies[rows // 20 :]] = sha[rng.integers(0, rows, len(copies) - rows // 20)]
     w, h = rng.integers(16, 1024, rows), rng.integers(16, 1024, rows)
     words = rng.integers(0, 30, rows)
-    table = pa.table({
-        "key": [f"{i:09d}" for i in range(rows)], "shard": ["00000.tar"] * rows, "url": [None] * rows, "caption": [None] * rows,
-        "sha256": sha.tolist(), "dhash": [bytes(r).hex() for r in hashes], "width": w.astype(np.int32), "height": h.astype(np.int32),
-        "original_width": w.astype(np.int32), "original_height": h.astype(np.int32),
-        "aspect_ratio": (np.maximum(w, h) / np.minimum(w, h)).astype(np.float32),
-        "caption_chars": (words * 6).astype(np.int32), "caption_words": words.astype(np.int32),
-        "error": pa.nulls(rows, pa.string()), "clip_score": rng.uniform(-0.1, 0.5, rows).astype(np.float32),
-    })
+    table = pa.table(
+        {
+            "key": [f"{i:09d}" for i in range(rows)],
+            "shard": ["00000.tar"] * rows,
+            "url": [None] * rows,
+            "caption": [None] * rows,
+            "sha256": sha.tolist(),
+            "dhash": [bytes(r).hex() for r in hashes],
+            "width": w.astype(np.int32),
+            "height": h.astype(np.int32),
+            "original_width": w.astype(np.int32),
+            "original_height": h.astype(np.int32),
+            "aspect_ratio": (np.maximum(w, h) / np.minimum(w, h)).astype(np.float32),
+            "caption_chars": (words * 6).astype(np.int32),
+            "caption_words": words.astype(np.int32),
+            "error": pa.nulls(rows, pa.string()),
+            "clip_score": rng.uniform(-0.1, 0.5, rows).astype(np.float32),
+        }
+    )
     location = Location(folder)
     location.makedirs()
     pq.write_table(table, location.path("00000.parquet"))
@@ -122,7 +140,10 @@ def main() -> None:
     meta = os.path.join(args.out, "synthetic_meta")
     make_meta(meta, args.filter_rows)
     rate, counts = bench_filter(meta, os.path.join(args.out, "selection"))
-    print(f"\ncuration throughput ({os.cpu_count()} CPUs; annotate on {args.samples} world images, filter on {args.filter_rows:,} rows)")
+    print(
+        f"\ncuration throughput ({os.cpu_count()} CPUs; annotate on {args.samples} world images, filter on "
+        f"{args.filter_rows:,} rows)"
+    )
     print(f"{'step':<28}{'per second':>14}")
     for name, value in rows:
         print(f"{name:<28}{value:>12.1f} samples")

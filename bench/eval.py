@@ -12,14 +12,13 @@ import shutil
 import time
 
 import torch
-
 from curate import ROOT, config, make_clip  # bench/ is the script's folder
 
 
 def main() -> None:
+    from evaluation.zeroshot.benchmark import ClipEncoder, zeroshot_classification
     from evaluation.zeroshot.datasets import EvalSet
     from evaluation.zeroshot.templates import resolve_templates
-    from evaluation.zeroshot.benchmark import ClipEncoder, zeroshot_classification
     from pipeline.eval_set.export import export_eval_set
     from training.clip.model import load_clip
 
@@ -39,13 +38,20 @@ def main() -> None:
     rows = []
     for model in ("clip_tiny", "clip_vit_b32"):
         encoder = ClipEncoder.from_bundle(load_clip(make_clip(os.path.join(args.out, model), model, captions)), device)
-        zeroshot_classification(encoder, eval_set, eval_set.classnames, templates[:2], args.batch, args.workers, progress=False)
+        zeroshot_classification(
+            encoder, eval_set, eval_set.classnames, templates[:2], args.batch, args.workers, progress=False
+        )
         start = time.perf_counter()  # after a warm-up pass: threads, allocator and file cache are hot
-        zeroshot_classification(encoder, eval_set, eval_set.classnames, templates, args.batch, args.workers, progress=False)
+        zeroshot_classification(
+            encoder, eval_set, eval_set.classnames, templates, args.batch, args.workers, progress=False
+        )
         seconds = time.perf_counter() - start
         rows.append((model, args.images / seconds, seconds))
-    print(f"\nzero-shot classification, {args.images} world images (128 px), 6 classes × 80 templates, batch {args.batch}, "
-          f"{args.workers} loader workers, {device}")
+    print(
+        f"\nzero-shot classification, {args.images} world images (128 px), 6 classes × 80 templates, batch "
+        f"{args.batch}, "
+        f"{args.workers} loader workers, {device}"
+    )
     print(f"{'model':<16}{'images/s':>10}{'seconds':>10}")
     for model, rate, seconds in rows:
         print(f"{model:<16}{rate:>10.1f}{seconds:>10.2f}")

@@ -17,14 +17,13 @@ import time
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
-
 from curate import ROOT, config, make_raw  # bench/ is the script's folder
+from hydra.utils import instantiate
 
 
 def build(model: str, captions: list[str], context: int = 32):
-    from training.clip.model import ContrastiveClip
     from training.clip.losses import ClipLoss
+    from training.clip.model import ContrastiveClip
     from training.tokenizer import train_tokenizer
 
     cfg = config("train", f"model={model}")
@@ -39,8 +38,9 @@ def batches_in_memory(datamodule, count: int) -> list[dict]:
 
 def bare_loop(net, loss_fn, batches, warmup: int, device, precision) -> float:
     """The same recipe written out by hand: forward, loss, backward, clip, AdamW step, schedule, clamp."""
-    from training.task_module import decay_groups
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    from training.task_module import decay_groups
 
     net.to(device).train()
     optimizer = torch.optim.AdamW(decay_groups(net, 0.2), lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
@@ -51,7 +51,9 @@ def bare_loop(net, loss_fn, batches, warmup: int, device, precision) -> float:
             sync(device)
             start = time.perf_counter()
         with autocast:
-            image, text, scale, bias = net(*(batch[k].to(device) for k in ("pixel_values", "input_ids", "attention_mask")))
+            image, text, scale, bias = net(
+                *(batch[k].to(device) for k in ("pixel_values", "input_ids", "attention_mask"))
+            )
         loss = loss_fn(image.float(), text.float(), scale.float())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -82,12 +84,25 @@ class StepTimer(pl.Callback):
 def lightning_loop(net, loss_fn, batches, warmup: int, accelerator: str, precision: str) -> float:
     from training.clip.module import ClipTraining
 
-    module = ClipTraining(net, loss_fn, optimizer=lambda groups: torch.optim.AdamW(groups, lr=5e-4, betas=(0.9, 0.98), eps=1e-6),
-                          warmup_steps=10)
+    module = ClipTraining(
+        net,
+        loss_fn,
+        optimizer=lambda groups: torch.optim.AdamW(groups, lr=5e-4, betas=(0.9, 0.98), eps=1e-6),
+        warmup_steps=10,
+    )
     timer = StepTimer(warmup)
-    trainer = pl.Trainer(accelerator=accelerator, devices=1, max_steps=len(batches), precision=precision, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[timer], log_every_n_steps=10)
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_steps=len(batches),
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        log_every_n_steps=10,
+    )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     return (len(batches) - warmup) * batches[0]["pixel_values"].shape[0] / timer.seconds
 
@@ -114,12 +129,18 @@ def mfu(batch_size: int, steps: int, captions: list[str]) -> tuple[float, float]
     size, context = int(cfg.model.image_size), int(cfg.model.text.max_position_embeddings)
     with torch.device("meta"):
         meta_net, _, _, _ = build("clip_vit_b32", captions)
-        args = (torch.randn(batch_size, 3, size, size), torch.randint(4, 900, (batch_size, context)),
-                torch.ones(batch_size, context, dtype=torch.long))
+        args = (
+            torch.randn(batch_size, 3, size, size),
+            torch.randint(4, 900, (batch_size, context)),
+            torch.ones(batch_size, context, dtype=torch.long),
+        )
         flops = measure_flops(meta_net, lambda: meta_net(*args), loss_fn=lambda out: out[0].sum() + out[1].sum())
     device = torch.device("cuda")
-    batch = {"pixel_values": torch.randn(batch_size, 3, size, size), "input_ids": torch.randint(4, 900, (batch_size, context)),
-             "attention_mask": torch.ones(batch_size, context, dtype=torch.long)}
+    batch = {
+        "pixel_values": torch.randn(batch_size, 3, size, size),
+        "input_ids": torch.randint(4, 900, (batch_size, context)),
+        "attention_mask": torch.ones(batch_size, context, dtype=torch.long),
+    }
     rate = bare_loop(net, loss_fn, [batch] * steps, warmup=5, device=device, precision="bf16-mixed")
     peak = get_available_flops(device, torch.bfloat16)
     return rate, flops * rate / batch_size / peak
@@ -145,8 +166,13 @@ def main() -> None:
     precision = "bf16-mixed" if gpu else "32-true"
 
     net, loss_fn, tokenizer, cfg = build(args.model, captions)
-    datamodule = ShardDataModule(os.path.join(args.out, "shards"), batch_size=args.batch, num_workers=2, resampled=True,
-                                epoch_samples=args.batch * (4 * args.steps + 10))
+    datamodule = ShardDataModule(
+        os.path.join(args.out, "shards"),
+        batch_size=args.batch,
+        num_workers=2,
+        resampled=True,
+        epoch_samples=args.batch * (4 * args.steps + 10),
+    )
     datamodule.attach(tokenizer, int(cfg.model.image_size), int(cfg.model.text.max_position_embeddings))
     batches = batches_in_memory(datamodule, args.steps)
     warmup = min(5, args.steps // 3)
@@ -160,18 +186,29 @@ def main() -> None:
     bare, ours = max(bare), max(ours)
     loader = loader_rate(datamodule, 3 * args.steps)  # well past the batches the workers prefetch
 
-    rows = [("bare PyTorch loop", f"{bare:.1f}", "1.00"),
-            ("Lightning (ClipTraining)", f"{ours:.1f}", f"{ours / bare:.2f}"),
-            ("data loader, 2 workers", f"{loader:.1f}", f"{loader / ours:.2f}× what a step consumes")]
-    print(f"\nCLIP training, model={args.model}, batch {args.batch}, {args.steps} steps ({warmup} warm-up), {device.type}, "
-          f"{precision}, best of {args.repeats}")
+    rows = [
+        ("bare PyTorch loop", f"{bare:.1f}", "1.00"),
+        ("Lightning (ClipTraining)", f"{ours:.1f}", f"{ours / bare:.2f}"),
+        ("data loader, 2 workers", f"{loader:.1f}", f"{loader / ours:.2f}× what a step consumes"),
+    ]
+    print(
+        f"\nCLIP training, model={args.model}, batch {args.batch}, {args.steps} steps ({warmup} warm-up), "
+        f"{device.type}, "
+        f"{precision}, best of {args.repeats}"
+    )
     print(f"{'':<26}{'samples/s':>12}  ratio")
     for name, rate, ratio in rows:
         print(f"{name:<26}{rate:>12}  {ratio}")
-    print(f"Lightning overhead: {100 * (1 - ours / bare):.1f}% (target ≤ 5%); loader headroom {loader / ours:.1f}× (target ≥ 3×)")
+    print(
+        f"Lightning overhead: {100 * (1 - ours / bare):.1f}% (target ≤ 5%); loader headroom {loader / ours:.1f}× "
+        f"(target ≥ 3×)"
+    )
     if gpu:
         rate, utilisation = mfu(256, 30, captions)
-        print(f"ViT-B/32 bf16, batch 256 on {torch.cuda.get_device_name()}: {rate:.0f} samples/s, MFU {100 * utilisation:.1f}%")
+        print(
+            f"ViT-B/32 bf16, batch 256 on {torch.cuda.get_device_name()}: {rate:.0f} samples/s, MFU "
+            f"{100 * utilisation:.1f}%"
+        )
     else:
         print("no GPU here: MFU of ViT-B/32 in bf16 is measured when one is lent")
 

@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
-
 from curate import ROOT, config  # bench/ is the script's folder
+from hydra.utils import instantiate
 from train_clip import StepTimer, sync
 
 from pipeline.world.shards import write_world_shards
@@ -36,15 +34,26 @@ def prepare(out: str, samples: int, size: int, vae_model: str):
     tokenizer = train_tokenizer(captions, vocab_size=1000, max_length=32)
     clip = instantiate(config("train", "model=clip_tiny").model, tokenizer=tokenizer)
     save_clip(f"{out}/clip", ClipBundle(clip, tokenizer, image_processor_for(32)))
-    instantiate(config("train", "task=vae", f"model={vae_model}", f"model.sample_size={size}").model).save_pretrained(f"{out}/vae")
-    encode(config("encode", f"input={shards}", f"output={out}/cache", f"vae={out}/vae", f"clip={out}/clip",
-                  f"image_size={size}", "progress=false"))
+    instantiate(config("train", "task=vae", f"model={vae_model}", f"model.sample_size={size}").model).save_pretrained(
+        f"{out}/vae"
+    )
+    encode(
+        config(
+            "encode",
+            f"input={shards}",
+            f"output={out}/cache",
+            f"vae={out}/vae",
+            f"clip={out}/clip",
+            f"image_size={size}",
+            "progress=false",
+        )
+    )
     return shards
 
 
 def batches(path: str, module, size: int, batch: int, count: int) -> list[dict]:
-    from training.diffusion.autoencoder import SYMMETRIC_MEAN, SYMMETRIC_STD
     from training.data.datamodule import ShardDataModule
+    from training.diffusion.autoencoder import SYMMETRIC_MEAN, SYMMETRIC_STD
 
     data = ShardDataModule(path, batch_size=batch, num_workers=0, shuffle_buffer=0)
     data.attach(module.tokenizer, size, module.tokenizer.model_max_length, SYMMETRIC_MEAN, SYMMETRIC_STD)
@@ -56,15 +65,32 @@ def module_for(out: str, shards: str, size: int, unet_model: str):
     from training.data.datamodule import ShardDataModule
     from training.diffusion.recipe import ldm_recipe
 
-    cfg = config("train", "task=ldm", f"model={unet_model}", f"data.path={shards}", f"vae={out}/vae", f"clip={out}/clip",
-                 f"image_size={size}", f"output={out}/run")
+    cfg = config(
+        "train",
+        "task=ldm",
+        f"model={unet_model}",
+        f"data.path={shards}",
+        f"vae={out}/vae",
+        f"clip={out}/clip",
+        f"image_size={size}",
+        f"output={out}/run",
+    )
     return ldm_recipe(cfg, ShardDataModule(shards), f"{out}/run").module
 
 
 def lightning_rate(module, data: list[dict], warmup: int) -> float:
     timer = StepTimer(warmup)
-    trainer = pl.Trainer(accelerator="auto", devices=1, max_steps=len(data), logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], log_every_n_steps=10)
+    trainer = pl.Trainer(
+        accelerator="auto",
+        devices=1,
+        max_steps=len(data),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        log_every_n_steps=10,
+    )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
     return (len(data) - warmup) / timer.seconds
 
@@ -79,8 +105,13 @@ def bare_rate(module, data: list[dict], warmup: int) -> float:
     from training.diffusion.unet import encode_text
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    unet, vae, text, ema, schedule = (module.unet.to(device).train(), module.vae.to(device), module.text_encoder.to(device),
-                                      module.ema.to(device), module.schedule)
+    unet, vae, text, ema, schedule = (
+        module.unet.to(device).train(),
+        module.vae.to(device),
+        module.text_encoder.to(device),
+        module.ema.to(device),
+        module.schedule,
+    )
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=0.01)
     for step, batch in enumerate(data):
         if step == warmup:
@@ -88,7 +119,10 @@ def bare_rate(module, data: list[dict], warmup: int) -> float:
             start = time.perf_counter()
         with torch.no_grad():
             if "latent_moments" in batch:
-                posterior, states = DiagonalGaussianDistribution(batch["latent_moments"].to(device)), batch["text_states"].to(device)
+                posterior, states = (
+                    DiagonalGaussianDistribution(batch["latent_moments"].to(device)),
+                    batch["text_states"].to(device),
+                )
             else:
                 posterior = vae.encode(batch["pixel_values"].to(device)).latent_dist
                 states = encode_text(text, module.tokenizer, batch["captions"])
@@ -130,13 +164,20 @@ def main() -> None:
     warmup = 5
     rates: dict[str, float] = {}
     for _ in range(args.repeats):  # best of `repeats`: the least disturbed run of each
-        for name, source in (("bare diffusers loop", shards), ("ours (Lightning)", shards), ("ours, cached latents", f"{args.out}/cache")):
+        for name, source in (
+            ("bare diffusers loop", shards),
+            ("ours (Lightning)", shards),
+            ("ours, cached latents", f"{args.out}/cache"),
+        ):
             module = module_for(args.out, shards, args.size, args.unet)
             data = batches(source, module, args.size, args.batch, args.steps)
             rate = bare_rate(module, data, warmup) if name.startswith("bare") else lightning_rate(module, data, warmup)
             rates[name] = max(rates.get(name, 0.0), rate)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\nlatent diffusion training, {args.unet} + {args.vae}, {args.size} px, batch {args.batch}, {device}, best of {args.repeats}")
+    print(
+        f"\nlatent diffusion training, {args.unet} + {args.vae}, {args.size} px, batch {args.batch}, {device}, "
+        f"best of {args.repeats}"
+    )
     print(f"{'loop':<24} {'steps/s':>8} {'samples/s':>10}")
     for name, rate in rates.items():
         print(f"{name:<24} {rate:>8.2f} {rate * args.batch:>10.1f}")

@@ -13,8 +13,11 @@ from training.tracking import mlflow_run, sweep_parent_run
 
 def per_class_table(classnames: list[str], result: dict) -> dict[str, list]:
     recall = result["per_class_recall"]
-    return {"class": list(classnames), "support": [int(n) for n in result["support"]],
-            "recall": [None if math.isnan(r) else float(r) for r in recall]}
+    return {
+        "class": list(classnames),
+        "support": [int(n) for n in result["support"]],
+        "recall": [None if math.isnan(r) else float(r) for r in recall],
+    }
 
 
 def confusion_figure(classnames: list[str], confusion: np.ndarray):
@@ -37,8 +40,15 @@ def confusion_figure(classnames: list[str], confusion: np.ndarray):
         for i in range(n):
             for j in range(n):
                 if confusion[i, j]:
-                    axes.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
-                              color="white" if rows[i, j] > 0.5 else "black")
+                    axes.text(
+                        j,
+                        i,
+                        int(confusion[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if rows[i, j] > 0.5 else "black",
+                    )
     figure.tight_layout()
     return figure
 
@@ -57,8 +67,9 @@ def log_evaluation(record: dict, config: dict, tables: dict, figures: dict, tags
     """One MLflow run in the task's experiment (a child of the sweep's run in a Hydra multirun)."""
     task = record["task"]
     name = f"{task} {record['dataset']}"
-    with mlflow_run(name, config=config, tags={**tags, "pixelmill.task": task}, parent_run_id=sweep_parent_run(task),
-                    task=task) as run:
+    with mlflow_run(
+        name, config=config, tags={**tags, "pixelmill.task": task}, parent_run_id=sweep_parent_run(task), task=task
+    ) as run:
         import mlflow  # configured by mlflow_run
 
         mlflow.log_metrics({k: v for k, v in record["metrics"].items() if not math.isnan(v)})

@@ -51,15 +51,27 @@ class Demo:
 
     def pipeline(self, step: str, *overrides: str) -> dict:
         """pipeline.run with the step's preset and overrides."""
-        return run_pipeline(self.config("run", "data", f"input={self.out}/world/urls.parquet", f"output={self.out}",
-                                        *overrides, preset=self.cfg.experiments[step]))
+        return run_pipeline(
+            self.config(
+                "run",
+                "data",
+                f"input={self.out}/world/urls.parquet",
+                f"output={self.out}",
+                *overrides,
+                preset=self.cfg.experiments[step],
+            )
+        )
 
     def eval_sets(self) -> dict[str, str]:
         sets = {}
         for attribute in self.cfg.eval_attributes:
             sets[attribute] = f"{self.out}/eval/{attribute}"
-            export_eval_set(compose("eval_set", overrides=[f"attribute={attribute}", f"output={sets[attribute]}",
-                                                           f"n={self.cfg.eval_set_size}"]))
+            export_eval_set(
+                compose(
+                    "eval_set",
+                    overrides=[f"attribute={attribute}", f"output={sets[attribute]}", f"n={self.cfg.eval_set_size}"],
+                )
+            )
         return sets
 
     def clip(self, name: str, shards: str) -> str:
@@ -67,14 +79,33 @@ class Demo:
         return f"{self.out}/{name}/clip"
 
     def zeroshot(self, name: str, model: str, sets: dict[str, str]) -> dict[str, float]:
-        return {attribute: self.evaluate(compose("evaluate", overrides=[
-            f"clip={model}", f"dataset={path}", f"output={self.out}/eval_results/{name}_{attribute}.json",
-            "progress=false"]))["metrics"]["acc1"] for attribute, path in sets.items()}
+        return {
+            attribute: self.evaluate(
+                compose(
+                    "evaluate",
+                    overrides=[
+                        f"clip={model}",
+                        f"dataset={path}",
+                        f"output={self.out}/eval_results/{name}_{attribute}.json",
+                        "progress=false",
+                    ],
+                )
+            )["metrics"]["acc1"]
+            for attribute, path in sets.items()
+        }
 
     def diffusion(self, shards: str, clip: str) -> str:
         self.train(self.config("train", "vae", f"data.path={shards}", f"output={self.out}/vae"))
-        self.train(self.config("train", "ldm", f"data.path={shards}", f"output={self.out}/ldm", f"vae={self.out}/vae/vae",
-                               f"clip={clip}"))
+        self.train(
+            self.config(
+                "train",
+                "ldm",
+                f"data.path={shards}",
+                f"output={self.out}/ldm",
+                f"vae={self.out}/vae/vae",
+                f"clip={clip}",
+            )
+        )
         return f"{self.out}/ldm/pipeline"
 
     def drawbench(self, model: str) -> dict:
@@ -84,19 +115,28 @@ class Demo:
 def demo(cfg: DictConfig) -> dict:
     steps = Demo(cfg)
     out = steps.out
-    server = write_and_serve(DictConfig({"world": cfg.world, "output": f"{out}/world", "host": cfg.host, "port": cfg.port}))
+    server = write_and_serve(
+        DictConfig({"world": cfg.world, "output": f"{out}/world", "host": cfg.host, "port": cfg.port})
+    )
     try:
         v0_data = steps.timed("data", "crawl → annotate → filter (rules) → shard", lambda: steps.pipeline("data"))
         sets = steps.timed("eval sets", "held-out eval sets", steps.eval_sets)
         clip_v0 = steps.timed("CLIP v0", "CLIP v0", lambda: steps.clip("clip_v0", v0_data["config"]["output"]))
         v0 = steps.timed("zero-shot v0", "zero-shot v0", lambda: steps.zeroshot("v0", clip_v0, sets))
-        v1_data = steps.timed("CLIP filter", "annotate with CLIP v0 → filter by CLIP score → shard", lambda: steps.pipeline(
-            "clip_filter", f"annotate.output={out}/meta_clip_v0", f"clip={clip_v0}"))
+        v1_data = steps.timed(
+            "CLIP filter",
+            "annotate with CLIP v0 → filter by CLIP score → shard",
+            lambda: steps.pipeline("clip_filter", f"annotate.output={out}/meta_clip_v0", f"clip={clip_v0}"),
+        )
     finally:
         server.stop()
-    clip_v1 = steps.timed("CLIP v1", "CLIP v1 (same budget)", lambda: steps.clip("clip_v1", v1_data["config"]["output"]))
+    clip_v1 = steps.timed(
+        "CLIP v1", "CLIP v1 (same budget)", lambda: steps.clip("clip_v1", v1_data["config"]["output"])
+    )
     v1 = steps.timed("zero-shot v1", "zero-shot v1", lambda: steps.zeroshot("v1", clip_v1, sets))
-    pipeline = steps.timed("diffusion", "autoencoder → latent diffusion", lambda: steps.diffusion(v1_data["config"]["output"], clip_v1))
+    pipeline = steps.timed(
+        "diffusion", "autoencoder → latent diffusion", lambda: steps.diffusion(v1_data["config"]["output"], clip_v1)
+    )
     bench = steps.timed("DrawBench", "DrawBench-style eval (world suite)", lambda: steps.drawbench(pipeline))
     summary = summarise(cfg, out, v0_data, v1_data, v0, v1, bench, steps.timings)
     with open(f"{out}/summary.json", "w") as f:
@@ -114,23 +154,34 @@ def summarise(cfg, out: str, v0_data: dict, v1_data: dict, v0: dict, v1: dict, b
     print("\n" + "═" * 72 + "\npixelmill demo: summary\n" + "═" * 72)
     print(f"crawl: {agree} of {rows} rows ended as the world's ground truth expects")
     print(f"filter funnel (rules):\n{funnel}")
-    print(f"CLIP-score filter (CLIP v0): removed {mismatch['mismatched_removed']} of {mismatch['mismatched']} "
-          f"mismatched captions ({removed:.0%}), kept {mismatch['clean_kept']} of {mismatch['clean']} clean pairs "
-          f"({kept:.0%}); training shards {v0_data['counts']['samples']} → {v1_data['counts']['samples']}")
+    print(
+        f"CLIP-score filter (CLIP v0): removed {mismatch['mismatched_removed']} of {mismatch['mismatched']} "
+        f"mismatched captions ({removed:.0%}), kept {mismatch['clean_kept']} of {mismatch['clean']} clean pairs "
+        f"({kept:.0%}); training shards {v0_data['counts']['samples']} → {v1_data['counts']['samples']}"
+    )
     print(f"{'zero-shot top-1 (held out)':<30}{'CLIP v0':>10}{'CLIP v1':>10}")
     for attribute in v0:
         print(f"  {attribute:<28}{v0[attribute]:>10.3f}{v1[attribute]:>10.3f}")
     print(f"{'DrawBench (world suite)':<30}{'prompts':>10}{'correct':>10}{'CLIPScore':>11}")
     for category, entry in bench["categories"].items():
-        print(f"  {category:<28}{entry['prompts']:>10}{entry['correct']['mean']:>10.3f}{entry['clip_score']['mean']:>11.3f}")
+        correct, clip_score = entry["correct"]["mean"], entry["clip_score"]["mean"]
+        print(f"  {category:<28}{entry['prompts']:>10}{correct:>10.3f}{clip_score:>11.3f}")
     total = sum(timings.values())
     print(f"time: {total / 60:.1f} min (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
     print(f"results: {out}/  ·  DrawBench report: {out}/drawbench/report.html")
     print(f"MLflow:  mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
-    return {"crawl_agreement": [agree, rows], "mismatch": mismatch, "mismatch_removed": removed, "clean_kept": kept,
-            "zeroshot_v0": v0, "zeroshot_v1": v1, "drawbench": bench["metrics"], "seconds": timings,
-            "config": OmegaConf.to_container(cfg, resolve=True)}
+    return {
+        "crawl_agreement": [agree, rows],
+        "mismatch": mismatch,
+        "mismatch_removed": removed,
+        "clean_kept": kept,
+        "zeroshot_v0": v0,
+        "zeroshot_v1": v1,
+        "drawbench": bench["metrics"],
+        "seconds": timings,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="demo")

@@ -21,7 +21,6 @@ from pipeline.shard.run import shard
 from pipeline.storage import config_fingerprint
 
 
-
 def _filter_choice() -> str:
     """The filter config's name as chosen on the command line (`filter=clip_score`)."""
     from hydra.core.hydra_config import HydraConfig
@@ -41,7 +40,12 @@ def run_pipeline(cfg: DictConfig) -> dict:
     crawl_manifest = crawl(config["crawl"])
     meta_manifest = annotate(config["annotate"])
     # The filter logs nothing itself: a rerun finds its output complete, yet each pipeline run logs the funnel.
-    filter_cfg = {"input": config["annotate"]["output"], "output": selection_dir, "filter": config["filter"], "tracking": False}
+    filter_cfg = {
+        "input": config["annotate"]["output"],
+        "output": selection_dir,
+        "filter": config["filter"],
+        "tracking": False,
+    }
     shard_cfg = {**config["shard"], "selection": selection_dir, "output": shards_dir}
     if not config["tracking"]:
         filter_samples(filter_cfg)
@@ -52,16 +56,28 @@ def run_pipeline(cfg: DictConfig) -> dict:
     from training.tracking import mlflow_run, setup_mlflow, sweep_parent_run
 
     parent = sweep_parent_run()
-    tags = {"pixelmill.stage": "pipeline", "data.crawl_hash": crawl_manifest["content_hash"],
-            "data.meta_hash": meta_manifest["content_hash"]}
+    tags = {
+        "pixelmill.stage": "pipeline",
+        "data.crawl_hash": crawl_manifest["content_hash"],
+        "data.meta_hash": meta_manifest["content_hash"],
+    }
     with mlflow_run(f"pipeline {name}", config=config, tags=tags, parent_run_id=parent):
         mlflow = setup_mlflow()
         filter_manifest = filter_samples(filter_cfg)
-        with open(os.path.join(selection_dir, "funnel.png"), "rb") as png, open(os.path.join(selection_dir, "funnel.txt")) as txt:
+        with (
+            open(os.path.join(selection_dir, "funnel.png"), "rb") as png,
+            open(os.path.join(selection_dir, "funnel.txt")) as txt,
+        ):
             log_filter(filter_manifest, png.read(), txt.read())
         shard_manifest = shard(shard_cfg)
-        mlflow.log_metrics({"crawl.images": crawl_manifest["counts"]["success"], "annotate.samples": meta_manifest["counts"]["samples"],
-                            "shard.samples": shard_manifest["counts"]["samples"], "shard.shards": shard_manifest["counts"]["shards"]})
+        mlflow.log_metrics(
+            {
+                "crawl.images": crawl_manifest["counts"]["success"],
+                "annotate.samples": meta_manifest["counts"]["samples"],
+                "shard.samples": shard_manifest["counts"]["samples"],
+                "shard.shards": shard_manifest["counts"]["shards"],
+            }
+        )
         mlflow.set_tags({"data.shards_hash": shard_manifest["content_hash"], "data.shards_path": shards_dir})
         mlflow.log_dict(shard_manifest, "shard/manifest.json")
         if config.get("sweep_model"):
@@ -77,11 +93,32 @@ def train_and_evaluate(experiment: dict, shards: str, output: str) -> dict[str, 
     from hydra.utils import instantiate
 
     train, evaluate = instantiate(experiment["train"]), instantiate(experiment["evaluate"])
-    train(compose("train", overrides=[f"+experiment={experiment['experiment']}", f"data.path={shards}", f"output={output}",
-                                      *experiment.get("overrides", [])]))
-    return {f"zeroshot.{name}.acc1": evaluate(compose("evaluate", overrides=[
-        f"clip={output}/clip", f"dataset={path}", f"output={output}/eval_{name}.json", "tracking=false",
-        "progress=false"]))["metrics"]["acc1"] for name, path in experiment["datasets"].items()}
+    train(
+        compose(
+            "train",
+            overrides=[
+                f"+experiment={experiment['experiment']}",
+                f"data.path={shards}",
+                f"output={output}",
+                *experiment.get("overrides", []),
+            ],
+        )
+    )
+    return {
+        f"zeroshot.{name}.acc1": evaluate(
+            compose(
+                "evaluate",
+                overrides=[
+                    f"clip={output}/clip",
+                    f"dataset={path}",
+                    f"output={output}/eval_{name}.json",
+                    "tracking=false",
+                    "progress=false",
+                ],
+            )
+        )["metrics"]["acc1"]
+        for name, path in experiment["datasets"].items()
+    }
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="run")

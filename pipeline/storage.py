@@ -97,10 +97,14 @@ def claim_output(out: Location, marker: str, identity: str, overwrite: bool, wha
         if record["identity"] == identity:
             return record
         if not overwrite:
-            raise StageError(f"output {out.url} holds {what} of another input or config; "
-                             "choose another output or pass overwrite=true")
+            raise StageError(
+                f"output {out.url} holds {what} of another input or config; "
+                "choose another output or pass overwrite=true"
+            )
     elif out.listdir() and not overwrite:
-        raise StageError(f"output {out.url} is not empty and holds no {what}; choose an empty folder or pass overwrite=true")
+        raise StageError(
+            f"output {out.url} is not empty and holds no {what}; choose an empty folder or pass overwrite=true"
+        )
     for name in out.listdir():
         out.remove(name)
     return None
@@ -131,8 +135,9 @@ def content_hash(file_hashes: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(location: Location, stage: str, config: dict, counts: dict, file_hashes: dict[str, str],
-                   started: float, **extra) -> dict:
+def write_manifest(
+    location: Location, stage: str, config: dict, counts: dict, file_hashes: dict[str, str], started: float, **extra
+) -> dict:
     """`file_hashes`: output file name → sha256, taken while writing so that nothing is read twice."""
     manifest = {
         "stage": stage,

@@ -99,5 +99,9 @@ def annotated(tmp_path_factory, default_world_raw, tiny_clip):
     from pipeline.annotate.run import annotate
 
     out = tmp_path_factory.mktemp("meta")
-    manifest = annotate(stage_config("annotate", f"input={default_world_raw[0]}", f"output={out}", f"clip={tiny_clip}", "progress=false"))
+    manifest = annotate(
+        stage_config(
+            "annotate", f"input={default_world_raw[0]}", f"output={out}", f"clip={tiny_clip}", "progress=false"
+        )
+    )
     return str(out), manifest

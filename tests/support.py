@@ -26,11 +26,22 @@ CONF = ROOT / "conf"
 SHARED = ROOT.parent / "shared"
 DRAWBENCH_CSV = SHARED / "data" / "drawbench.csv"  # the 200 official prompts: beside the clone in CI, not in it
 # Prompts per category in the paper's DrawBench (Saharia et al., 2022, appendix).
-DRAWBENCH_COUNTS = {"Colors": 25, "Conflicting": 10, "Counting": 19, "DALL-E": 20, "Descriptions": 20,
-                    "Gary Marcus et al.": 10, "Misspellings": 10, "Positional": 20, "Rare Words": 7, "Reddit": 38,
-                    "Text": 21}
+DRAWBENCH_COUNTS = {
+    "Colors": 25,
+    "Conflicting": 10,
+    "Counting": 19,
+    "DALL-E": 20,
+    "Descriptions": 20,
+    "Gary Marcus et al.": 10,
+    "Misspellings": 10,
+    "Positional": 20,
+    "Rare Words": 7,
+    "Reddit": 38,
+    "Text": 21,
+}
 needs_official_drawbench = pytest.mark.skipif(
-    not DRAWBENCH_CSV.exists(), reason=f"the official DrawBench prompts ({DRAWBENCH_CSV}) are not beside this clone")
+    not DRAWBENCH_CSV.exists(), reason=f"the official DrawBench prompts ({DRAWBENCH_CSV}) are not beside this clone"
+)
 
 
 def drawbench_like_csv(path: Path) -> Path:
@@ -56,8 +67,16 @@ def world_config(**overrides):
 
 def crawl_config(*overrides: str):
     """The real conf/crawl.yaml, with the settings every test crawl of the world needs."""
-    base = ["allow_networks=[127.0.0.1/32]", "timeout=1", "retries=1", "retry_backoff=0.05",
-            "number_sample_per_shard=40", "image_size=64", "max_bytes=1048576", "progress=false"]
+    base = [
+        "allow_networks=[127.0.0.1/32]",
+        "timeout=1",
+        "retries=1",
+        "retry_backoff=0.05",
+        "number_sample_per_shard=40",
+        "image_size=64",
+        "max_bytes=1048576",
+        "progress=false",
+    ]
     return stage_config("crawl", *base, *overrides)
 
 
@@ -89,10 +108,13 @@ def kill_session(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
 
 
-def kill_when(command: list[str], ready, deadline_s: float = 120, poll_s: float = 0.02, env: dict | None = None) -> None:
+def kill_when(
+    command: list[str], ready, deadline_s: float = 120, poll_s: float = 0.02, env: dict | None = None
+) -> None:
     """Run `command` in its own session and kill -9 it as soon as `ready()` holds; fails if it ends first."""
-    process = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + deadline_s
     while not ready():
         assert process.poll() is None and time.time() < deadline, "the command ended before it could be killed"
@@ -125,10 +147,28 @@ def mlflow_server(folder: Path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{folder}/server.db", "--workers", "1",
-                               "--artifacts-destination", str(folder / "artifacts")],
-                              cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{folder}/server.db",
+            "--workers",
+            "1",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+        ],
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 90
         while True:

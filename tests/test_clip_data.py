@@ -15,8 +15,8 @@ from pipeline.world.shards import write_world_shards
 from training.clip.model import image_processor_for
 from training.data.datamodule import ShardStream
 from training.data.shards import list_shards, next_worker, round_robin
-from training.tokenizer import train_tokenizer
 from training.data.transforms import EvalTransform, TrainTransform
+from training.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,19 @@ def numbered(tmp_path_factory):
 
 
 def _stream(path, tokenizer, **kwargs):
-    settings = dict(tokenizer=tokenizer, transform=TrainTransform(16), batch_size=4, context_length=16, epoch=0,
-                    seed=0, rank=0, world=1, workers=1, resampled=False, epoch_samples=None)
+    settings = dict(
+        tokenizer=tokenizer,
+        transform=TrainTransform(16),
+        batch_size=4,
+        context_length=16,
+        epoch=0,
+        seed=0,
+        rank=0,
+        world=1,
+        workers=1,
+        resampled=False,
+        epoch_samples=None,
+    )
     return ShardStream(list_shards(path), **{**settings, **kwargs})
 
 
@@ -62,8 +73,9 @@ def test_epoch_length_in_samples_and_resampled_streams(numbered, tokenizer):
     stream = _stream(numbered, tokenizer, resampled=True, epoch_samples=72, world=2, rank=1, workers=2)
     keys, _ = _read(stream, workers=2)
     assert len(keys) == 72 // (4 * 2) == len(stream)  # epoch length counted in samples over all ranks
-    other_epoch, _ = _read(_stream(numbered, tokenizer, resampled=True, epoch_samples=72, world=2, rank=1, workers=2,
-                                   epoch=1), workers=2)
+    other_epoch, _ = _read(
+        _stream(numbered, tokenizer, resampled=True, epoch_samples=72, world=2, rank=1, workers=2, epoch=1), workers=2
+    )
     assert keys != other_epoch
     # Exact epochs default to the shards' size: 120 samples, minus the partial batches, over 1 rank.
     assert len(_stream(numbered, tokenizer, workers=2)) == 2 * (60 // 4)

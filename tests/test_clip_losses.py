@@ -19,8 +19,12 @@ N, D_IN, D = 6, 5, 4  # samples per rank, input width, embedding width
 def _problem():
     """Two 'encoders' (linear maps) and a batch of 2·N pairs, the same in every process."""
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(D_IN, D, generator=g), torch.randn(D_IN, D, generator=g), torch.randn(2 * N, D_IN, generator=g),
-            torch.randn(2 * N, D_IN, generator=g))
+    return (
+        torch.randn(D_IN, D, generator=g),
+        torch.randn(D_IN, D, generator=g),
+        torch.randn(2 * N, D_IN, generator=g),
+        torch.randn(2 * N, D_IN, generator=g),
+    )
 
 
 def _loss_and_grads(loss_fn, x_img, x_txt, with_bias: bool):
@@ -35,8 +39,11 @@ def _loss_and_grads(loss_fn, x_img, x_txt, with_bias: bool):
 
 
 def _cases():
-    return {"clip_local": (ClipLoss(local_loss=True), False), "clip_full": (ClipLoss(local_loss=False), False),
-            "siglip": (SigLipLoss(), True)}
+    return {
+        "clip_local": (ClipLoss(local_loss=True), False),
+        "clip_full": (ClipLoss(local_loss=False), False),
+        "siglip": (SigLipLoss(), True),
+    }
 
 
 def _rank(rank: int, world: int, init: str, results: dict) -> None:
@@ -77,8 +84,15 @@ def test_siglip_loss_matches_its_formula_on_a_hand_made_case():
     loss = SigLipLoss()(image, text, torch.tensor(math.log(t)), torch.tensor([b]))
     # Similarities: x0·y0 = 0.8, x0·y1 = 0, x1·y0 = 0.96, x1·y1 = 0.8; +1 on the diagonal, −1 off it.
     sigmoid = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
-    by_hand = -(math.log(sigmoid(t * 0.8 + b)) + math.log(sigmoid(-(t * 0.0 + b)))
-                + math.log(sigmoid(-(t * 0.96 + b))) + math.log(sigmoid(t * 0.8 + b))) / 2
+    by_hand = (
+        -(
+            math.log(sigmoid(t * 0.8 + b))
+            + math.log(sigmoid(-(t * 0.0 + b)))
+            + math.log(sigmoid(-(t * 0.96 + b)))
+            + math.log(sigmoid(t * 0.8 + b))
+        )
+        / 2
+    )
     assert float(loss) == pytest.approx(by_hand, abs=1e-6)
 
 
@@ -94,6 +108,8 @@ def test_clip_loss_matches_its_formula_and_clamps_the_temperature():
     assert float(loss) == pytest.approx(by_hand, abs=1e-6)
     log_scale = torch.tensor(math.log(1000.0), requires_grad=True)
     clamped = ClipLoss()(image, text, log_scale)
-    assert float(clamped.detach()) == pytest.approx(float(ClipLoss()(image, text, torch.tensor(math.log(100.0)))), abs=1e-6)
+    assert float(clamped.detach()) == pytest.approx(
+        float(ClipLoss()(image, text, torch.tensor(math.log(100.0)))), abs=1e-6
+    )
     clamped.backward()
     assert float(log_scale.grad) == 0.0  # beyond the clamp, no push further out

@@ -18,11 +18,16 @@ from support import ROOT, checkpoint_step, kill_then_resume, stage_config, subpr
 from training.clip.model import ContrastiveClip, load_clip
 from training.data.datamodule import ShardStream
 from training.data.shards import list_shards
-from training.train import train
 from training.data.transforms import EvalTransform
+from training.train import train
 
 # Sixty-four pairs, one shard, no shuffling or cropping: every run sees the same batches in the same order.
-SAME_DATA = ["data.num_workers=0", "data.shuffle_buffer=0", "data.crop_scale=[1,1]", "trainer.enable_progress_bar=false"]
+SAME_DATA = [
+    "data.num_workers=0",
+    "data.shuffle_buffer=0",
+    "data.crop_scale=[1,1]",
+    "trainer.enable_progress_bar=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +46,44 @@ def _losses(tracking_uri: str) -> list[float]:
 
 
 def _embed(model: CLIPModel, bundle_tokenizer, shards: str, context_length: int):
-    stream = ShardStream(list_shards(shards), tokenizer=bundle_tokenizer, transform=EvalTransform(32), batch_size=64,
-                             context_length=context_length, epoch=0, seed=0, rank=0, world=1, workers=1,
-                             resampled=False, epoch_samples=None, shuffle_buffer=0)
+    stream = ShardStream(
+        list_shards(shards),
+        tokenizer=bundle_tokenizer,
+        transform=EvalTransform(32),
+        batch_size=64,
+        context_length=context_length,
+        epoch=0,
+        seed=0,
+        rank=0,
+        world=1,
+        workers=1,
+        resampled=False,
+        epoch_samples=None,
+        shuffle_buffer=0,
+    )
     batch = next(iter(stream))
     with torch.no_grad():
-        out = model.eval()(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = model.eval()(
+            pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        )
     return out.image_embeds, out.text_embeds
 
 
 def test_tiny_clip_overfits_64_pairs_and_exports_a_transformers_folder(pairs64, tmp_path):
     out = tmp_path / "run"
-    cfg = stage_config("train", f"data.path={pairs64}", f"output={out}", "data.batch_size=64", "trainer.max_steps=150",
-                       "tracking=false", "module.optimizer.lr=2e-3", "module.warmup_steps=10", "module.weight_decay=0",
-                       "checkpoint_every=50", *SAME_DATA)
+    cfg = stage_config(
+        "train",
+        f"data.path={pairs64}",
+        f"output={out}",
+        "data.batch_size=64",
+        "trainer.max_steps=150",
+        "tracking=false",
+        "module.optimizer.lr=2e-3",
+        "module.warmup_steps=10",
+        "module.weight_decay=0",
+        "checkpoint_every=50",
+        *SAME_DATA,
+    )
     train(cfg)
     bundle = load_clip(str(out / "clip"))
     image, text = _embed(bundle.model, bundle.tokenizer, pairs64, bundle.context_length)
@@ -79,18 +108,39 @@ def test_ddp_and_fsdp_follow_the_single_process_loss(pairs64, tmp_path):
     the same sets and the loss is the same function; only float summation order differs (measured: ≤ 2e-6
     after 8 AdamW steps), so 1e-4 leaves room for other CPUs while any real mismatch (a missing gather, a
     wrong average: ≥ 1e-2) fails."""
-    common = [f"data.path={pairs64}", "trainer.max_steps=8", "trainer.log_every_n_steps=1", "checkpoint_every=100",
-              "module.warmup_steps=2", *SAME_DATA]
+    common = [
+        f"data.path={pairs64}",
+        "trainer.max_steps=8",
+        "trainer.log_every_n_steps=1",
+        "checkpoint_every=100",
+        "module.warmup_steps=2",
+        *SAME_DATA,
+    ]
     single_uri = f"sqlite:///{tmp_path}/single.db"
-    subprocess.run(_command(*common, "data.batch_size=16", f"output={tmp_path}/single", f"hydra.run.dir={tmp_path}/h0"),
-                   env=subprocess_env(single_uri), check=True, capture_output=True, cwd=ROOT)
+    subprocess.run(
+        _command(*common, "data.batch_size=16", f"output={tmp_path}/single", f"hydra.run.dir={tmp_path}/h0"),
+        env=subprocess_env(single_uri),
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
     reference = _losses(single_uri)
     assert len(reference) == 8
     for strategy in ("ddp", "fsdp"):
         uri = f"sqlite:///{tmp_path}/{strategy}.db"
-        result = subprocess.run(_command(*common, f"trainer={strategy}", "data.batch_size=8", f"output={tmp_path}/{strategy}",
-                                         f"hydra.run.dir={tmp_path}/h_{strategy}"),
-                                env=subprocess_env(uri), capture_output=True, text=True, cwd=ROOT)
+        result = subprocess.run(
+            _command(
+                *common,
+                f"trainer={strategy}",
+                "data.batch_size=8",
+                f"output={tmp_path}/{strategy}",
+                f"hydra.run.dir={tmp_path}/h_{strategy}",
+            ),
+            env=subprocess_env(uri),
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         assert "2 process(es)" in result.stdout
         losses = _losses(uri)
@@ -103,9 +153,18 @@ def test_ddp_and_fsdp_follow_the_single_process_loss(pairs64, tmp_path):
 def test_kill_9_then_the_same_command_resumes_to_the_same_final_step(tmp_path):
     shards = write_world_shards(tmp_path / "shards", 160, 20, image_size=32, corrupt=(3,))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    command = _command(f"data.path={shards}", f"output={tmp_path}/run", "data.batch_size=8", "data.num_workers=2",
-                       "data.val_shards=1", "trainer.max_steps=400", "checkpoint_every=10", "trainer.log_every_n_steps=5",
-                       "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}/hydra")
+    command = _command(
+        f"data.path={shards}",
+        f"output={tmp_path}/run",
+        "data.batch_size=8",
+        "data.num_workers=2",
+        "data.val_shards=1",
+        "trainer.max_steps=400",
+        "checkpoint_every=10",
+        "trainer.log_every_n_steps=5",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={tmp_path}/hydra",
+    )
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     killed_at = kill_then_resume(command, last, kill_at=30, final_step=400, env=subprocess_env(uri))
     assert checkpoint_step(last) == 400
@@ -120,10 +179,17 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_final_step(tmp_path):
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, pairs64):
-    for args, needle in ((["data.path=/nonexistent/shards"], "/nonexistent/shards"),
-                         ([f"data.path={pairs64}", "model=clip_pretrained", "model.path=/no/such/model"], "/no/such/model")):
-        result = subprocess.run(_command(*args, f"output={tmp_path}/bad", "tracking=false", f"hydra.run.dir={tmp_path}/h"),
-                                env=subprocess_env("sqlite:///unused.db"), cwd=ROOT, capture_output=True, text=True)
+    for args, needle in (
+        (["data.path=/nonexistent/shards"], "/nonexistent/shards"),
+        ([f"data.path={pairs64}", "model=clip_pretrained", "model.path=/no/such/model"], "/no/such/model"),
+    ):
+        result = subprocess.run(
+            _command(*args, f"output={tmp_path}/bad", "tracking=false", f"hydra.run.dir={tmp_path}/h"),
+            env=subprocess_env("sqlite:///unused.db"),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode == 2
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and needle in errors[0]
@@ -135,9 +201,19 @@ def test_siglip_bf16_checkpointing_and_accumulation_run(pairs64, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
-        cfg = stage_config("train", f"data.path={pairs64}", f"output={tmp_path}/run", "loss=siglip", "trainer.precision=bf16-mixed",
-                           "module.gradient_checkpointing=true", "trainer.accumulate_grad_batches=2", "data.batch_size=16",
-                           "trainer.max_steps=3", "trainer.log_every_n_steps=1", *SAME_DATA)
+        cfg = stage_config(
+            "train",
+            f"data.path={pairs64}",
+            f"output={tmp_path}/run",
+            "loss=siglip",
+            "trainer.precision=bf16-mixed",
+            "module.gradient_checkpointing=true",
+            "trainer.accumulate_grad_batches=2",
+            "data.batch_size=16",
+            "trainer.max_steps=3",
+            "trainer.log_every_n_steps=1",
+            *SAME_DATA,
+        )
         loss = train(cfg)
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
@@ -156,13 +232,30 @@ def test_fine_tuning_a_clip_folder_keeps_its_tokenizer_and_decays_only_matrices(
     net = ContrastiveClip(start.model)
     decay, rest = decay_groups(net, 0.2)
     names = {id(p): n for n, p in net.named_parameters()}
-    assert all(names[id(p)].endswith("weight") and p.ndim >= 2 and "embedding." not in names[id(p)].replace("patch_embedding.", "")
-               for p in decay["params"])
+    assert all(
+        names[id(p)].endswith("weight")
+        and p.ndim >= 2
+        and "embedding." not in names[id(p)].replace("patch_embedding.", "")
+        for p in decay["params"]
+    )
     undecayed = {names[id(p)] for p in rest["params"]}
-    assert {"clip.logit_scale", "clip.text_model.embeddings.token_embedding.weight",
-            "clip.vision_model.embeddings.position_embedding.weight", "clip.text_model.final_layer_norm.weight"} <= undecayed
-    cfg = stage_config("train", f"data.path={pairs64}", f"output={tmp_path}/run", "model=clip_pretrained",
-                       f"model.path={tiny_clip}", "trainer.max_steps=2", "tracking=false", "data.batch_size=16", *SAME_DATA)
+    assert {
+        "clip.logit_scale",
+        "clip.text_model.embeddings.token_embedding.weight",
+        "clip.vision_model.embeddings.position_embedding.weight",
+        "clip.text_model.final_layer_norm.weight",
+    } <= undecayed
+    cfg = stage_config(
+        "train",
+        f"data.path={pairs64}",
+        f"output={tmp_path}/run",
+        "model=clip_pretrained",
+        f"model.path={tiny_clip}",
+        "trainer.max_steps=2",
+        "tracking=false",
+        "data.batch_size=16",
+        *SAME_DATA,
+    )
     train(cfg)
     tuned = load_clip(f"{tmp_path}/run/clip")
     assert tuned.tokenizer.get_vocab() == start.tokenizer.get_vocab()
@@ -176,10 +269,22 @@ def test_compiled_blocks_train_like_eager_ones(pairs64, tmp_path):
     losses = {}
     for compiled in ("false", "true"):
         uri = f"sqlite:///{tmp_path}/{compiled}.db"
-        result = subprocess.run(_command(f"data.path={pairs64}", f"output={tmp_path}/{compiled}", f"module.compile={compiled}",
-                                         "data.batch_size=16", "trainer.max_steps=3", "trainer.log_every_n_steps=1",
-                                         f"hydra.run.dir={tmp_path}/h{compiled}", *SAME_DATA),
-                                env=subprocess_env(uri), cwd=ROOT, capture_output=True, text=True)
+        result = subprocess.run(
+            _command(
+                f"data.path={pairs64}",
+                f"output={tmp_path}/{compiled}",
+                f"module.compile={compiled}",
+                "data.batch_size=16",
+                "trainer.max_steps=3",
+                "trainer.log_every_n_steps=1",
+                f"hydra.run.dir={tmp_path}/h{compiled}",
+                *SAME_DATA,
+            ),
+            env=subprocess_env(uri),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         losses[compiled] = _losses(uri)
     assert len(losses["true"]) == 3

@@ -32,8 +32,14 @@ PRIMARIES = {
     "download_drawbench": [],
 }
 # Each experiment preset and the primary config it is written for.
-EXPERIMENTS = {"demo_data": "run", "demo_clip_filter": "run", "demo_clip": "train", "demo_vae": "train",
-               "demo_ldm": "train", "demo_drawbench": "evaluate"}
+EXPERIMENTS = {
+    "demo_data": "run",
+    "demo_clip_filter": "run",
+    "demo_clip": "train",
+    "demo_vae": "train",
+    "demo_ldm": "train",
+    "demo_drawbench": "evaluate",
+}
 # Each config group: the primary that composes it, and overrides its options need.
 GROUPS = {
     "task": ("train", ["++vae=vae", "++clip=clip"]),  # ++: set where the option has the key, add elsewhere
@@ -131,8 +137,12 @@ def build_on_meta(option: str):
                 tokenizer = _vocab_sized(tokenizer, 49408)  # the published vocabulary size
             return instantiate(cfg, tokenizer=tokenizer)
         if option.startswith("unet"):
-            return instantiate(cfg, sample_size=32 if option == "unet_sd" else 8, in_channels=4,
-                               cross_attention_dim=768 if option == "unet_sd" else 64)
+            return instantiate(
+                cfg,
+                sample_size=32 if option == "unet_sd" else 8,
+                in_channels=4,
+                cross_attention_dim=768 if option == "unet_sd" else 64,
+            )
         return instantiate(cfg)
 
 
@@ -157,7 +167,9 @@ def test_model_builds_on_the_meta_device(option):
     count = sum(p.numel() for p in parameters)
     if option in PUBLISHED:
         low, high = PUBLISHED[option]
-        assert low <= count <= high, f"{option}: {count / 1e6:.1f}M parameters, published {low / 1e6:.0f}–{high / 1e6:.0f}M"
+        assert low <= count <= high, (
+            f"{option}: {count / 1e6:.1f}M parameters, published {low / 1e6:.0f}–{high / 1e6:.0f}M"
+        )
 
 
 def test_configs_name_no_missing_target():

@@ -19,8 +19,20 @@ from PIL import Image
 from pipeline.crawl.run import crawl
 from pipeline.errors import StageError
 from support import ROOT, crawl_config, read_rows
-IMG2DATASET_FIELDS = {"url", "caption", "key", "status", "error_message", "width", "height",
-                      "original_width", "original_height", "exif", "sha256"}
+
+IMG2DATASET_FIELDS = {
+    "url",
+    "caption",
+    "key",
+    "status",
+    "error_message",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "exif",
+    "sha256",
+}
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +47,11 @@ def test_every_row_ends_as_the_ground_truth_says(crawled):
     output, manifest, truth = crawled
     rows = read_rows(output)
     assert [r["url"] for r in rows] == [t["url"] for t in truth]  # one row per input row, in input order
-    wrong = [(t["row"], t["fault"], (t["expected_status"], t["expected_reason"]), (r["status"], r["reason"]))
-             for t, r in zip(truth, rows) if (r["status"], r["reason"]) != (t["expected_status"], t["expected_reason"])]
+    wrong = [
+        (t["row"], t["fault"], (t["expected_status"], t["expected_reason"]), (r["status"], r["reason"]))
+        for t, r in zip(truth, rows)
+        if (r["status"], r["reason"]) != (t["expected_status"], t["expected_reason"])
+    ]
     assert wrong == []
     faults = {t["fault"] for t in truth}
     assert len(faults) >= 20  # every fault of the world was exercised
@@ -46,7 +61,9 @@ def test_nothing_is_lost(crawled):
     output, manifest, truth = crawled
     counts = manifest["counts"]
     assert counts["rows"] == len(truth)
-    assert counts["success"] + counts["failed_to_download"] + counts["failed_to_resize"] + counts["duplicate"] == len(truth)
+    assert counts["success"] + counts["failed_to_download"] + counts["failed_to_resize"] + counts["duplicate"] == len(
+        truth
+    )
     expected = collections.Counter(t["expected_status"] for t in truth)
     assert {s: counts[s] for s in expected} == dict(expected)
     by_reason = collections.Counter(t["expected_reason"] for t in truth if t["expected_reason"])
@@ -116,8 +133,12 @@ def test_extra_columns_folder_input_and_formats(ray_local, world, world_server, 
     base = world_server.base_url
     clean = [r["row"] for r in world.rows if r["fault"] == "none"][:3]
     listing = tmp_path / "list.jsonl"
-    listing.write_text("".join(json.dumps({"url": f"{base}/img/{i}.jpg", "caption": f"c{i}", "source": "world",
-                                           "rank": i}) + "\n" for i in clean))
+    listing.write_text(
+        "".join(
+            json.dumps({"url": f"{base}/img/{i}.jpg", "caption": f"c{i}", "source": "world", "rank": i}) + "\n"
+            for i in clean
+        )
+    )
     out = tmp_path / "out"
     crawl(crawl_config(f"input={listing}", f"output={out}", "resize_mode=center_crop", "encode_format=png"))
     rows = read_rows(out)
@@ -139,7 +160,10 @@ def test_extra_columns_folder_input_and_formats(ray_local, world, world_server, 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.crawl", f"input={tmp_path}/missing.parquet", f"output={tmp_path}/out"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: input {tmp_path}/missing.parquet does not exist"
@@ -147,7 +171,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
 
 def test_manifest_hashes_are_those_of_the_files(crawled):
     output, manifest, truth = crawled
-    assert manifest["outputs"] == sorted(os.path.basename(p) for p in glob.glob(f"{output}/0*.tar") + glob.glob(f"{output}/0*.parquet"))
+    assert manifest["outputs"] == sorted(
+        os.path.basename(p) for p in glob.glob(f"{output}/0*.tar") + glob.glob(f"{output}/0*.parquet")
+    )
     stats = json.load(open(f"{output}/00000_stats.json"))
     for name, digest in stats["sha256"].items():
         assert hashlib.sha256(open(f"{output}/{name}", "rb").read()).hexdigest() == digest

@@ -180,7 +180,9 @@ def test_exif_orientation_is_applied():
 
 
 def test_refusals_before_decoding():
-    processor = ImageProcessor(ImageSettings(image_size=64, max_pixels=100 * 100, min_image_size=16, max_aspect_ratio=3))
+    processor = ImageProcessor(
+        ImageSettings(image_size=64, max_pixels=100 * 100, min_image_size=16, max_aspect_ratio=3)
+    )
     assert processor(_jpeg(200, 200)).reason == "too_many_pixels"
     bomb = declare_size(_jpeg(16, 16), 40000, 40000)
     assert processor(bomb).reason == "too_many_pixels"

@@ -14,15 +14,30 @@ import webdataset as wds
 from pipeline.crawl.run import crawl
 from pipeline.world import World, WorldServer
 from support import ROOT, crawl_config, kill_when, read_rows, world_config
+
+
 @pytest.mark.slow
 def test_kill_9_then_the_same_command_resumes(tmp_path):
     world = World(world_config(latency=0.05))
     with WorldServer(world) as server:
         urls, truth_path = world.write(tmp_path, server.base_url)
         out = tmp_path / "raw"
-        command = [sys.executable, "-m", "pipeline.crawl", f"input={urls}", f"output={out}",
-                   "allow_networks=[127.0.0.1/32]", "timeout=1", "retries=1", "retry_backoff=0.05",
-                   "number_sample_per_shard=10", "image_size=64", "max_bytes=1048576", "processes=1", "concurrency=4"]
+        command = [
+            sys.executable,
+            "-m",
+            "pipeline.crawl",
+            f"input={urls}",
+            f"output={out}",
+            "allow_networks=[127.0.0.1/32]",
+            "timeout=1",
+            "retries=1",
+            "retry_backoff=0.05",
+            "number_sample_per_shard=10",
+            "image_size=64",
+            "max_bytes=1048576",
+            "processes=1",
+            "concurrency=4",
+        ]
         kill_when(command, lambda: len(glob.glob(f"{out}/*_stats.json")) >= 2)
         done_before = sorted(glob.glob(f"{out}/*_stats.json"))
         assert 2 <= len(done_before) < 12 and not os.path.exists(out / "manifest.json")
@@ -75,6 +90,12 @@ def test_retry_failed_fetches_only_transient_failures_again(ray_local, tmp_path)
         keys = {k for (k,) in wds.WebDataset(sorted(glob.glob(f"{out}/*.tar")), shardshuffle=False).to_tuple("__key__")}
         assert keys == {r["key"] for r in rows if r["status"] == "success"}
         # Shards without a transient failure were not rewritten.
-        untouched = [p for p in stats_before
-                     if not any(t["fault"] in ("flaky", "http_500", "reset") and t["row"] // 20 == int(os.path.basename(p)[:5]) for t in truth)]
+        untouched = [
+            p
+            for p in stats_before
+            if not any(
+                t["fault"] in ("flaky", "http_500", "reset") and t["row"] // 20 == int(os.path.basename(p)[:5])
+                for t in truth
+            )
+        ]
         assert untouched and all(os.stat(p).st_mtime_ns == stats_before[p] for p in untouched)

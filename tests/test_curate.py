@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from support import read_rows, stage_config
 from pipeline.errors import StageError
 from pipeline.filter.run import filter_samples
 from pipeline.shard.run import shard
 from pipeline.tar_io import iter_tar_samples
 from pipeline.world.truth import dedup_scores
+from support import read_rows, stage_config
 from training.clip.model import load_clip
 
 
@@ -44,14 +44,18 @@ def test_annotate_signals_and_clip_scores_match_clipmodel(default_world_raw, ann
     images = [Image.open(io.BytesIO(samples[k]["jpg"])).convert("RGB") for k in keys]
     captions = [samples[k]["txt"].decode() for k in keys]
     with torch.no_grad():
-        out = clip.model(**clip.tokenizer(captions, padding=True, return_tensors="pt"),
-                         pixel_values=clip.image_processor(images=images, return_tensors="pt")["pixel_values"])
+        out = clip.model(
+            **clip.tokenizer(captions, padding=True, return_tensors="pt"),
+            pixel_values=clip.image_processor(images=images, return_tensors="pt")["pixel_values"],
+        )
     direct = (out.image_embeds * out.text_embeds).sum(-1).numpy()
     for key, caption, cosine in zip(keys, captions, direct):
         row = rows[key]
         assert row["sha256"] == hashlib.sha256(samples[key]["jpg"]).hexdigest()
         assert (row["width"], row["height"]) == (64, 64)
-        assert (row["original_width"], row["original_height"]) == tuple(json.loads(samples[key]["json"])[k] for k in ("original_width", "original_height"))
+        assert (row["original_width"], row["original_height"]) == tuple(
+            json.loads(samples[key]["json"])[k] for k in ("original_width", "original_height")
+        )
         assert row["caption_words"] == len(caption.split()) and row["caption_chars"] == len(caption)
         assert len(row["dhash"]) == 48 and len(row["image_embedding"]) == 32
         assert abs(row["clip_score"] - cosine) <= 1e-3
@@ -83,9 +87,19 @@ def test_filter_removes_duplicates_against_ground_truth(default_world_raw, annot
 def test_size_and_caption_rules_drop_exactly_the_violators(annotated, tmp_path):
     meta_dir, _ = annotated
     rows = {r["key"]: r for r in meta_rows(meta_dir)}
-    filter_samples(stage_config("filtering", f"input={meta_dir}", f"output={tmp_path}", "tracking=false",
-                                "filter.image_size.min_side=120", "filter.caption.min_words=6", "filter.caption.max_chars=50",
-                                "filter.exact_duplicate=null", "filter.near_duplicate=null"))
+    filter_samples(
+        stage_config(
+            "filtering",
+            f"input={meta_dir}",
+            f"output={tmp_path}",
+            "tracking=false",
+            "filter.image_size.min_side=120",
+            "filter.caption.min_words=6",
+            "filter.caption.max_chars=50",
+            "filter.exact_duplicate=null",
+            "filter.near_duplicate=null",
+        )
+    )
     selection = pq.read_table(tmp_path / "selection.parquet").to_pylist()
     for s in selection:
         r = rows[s["key"]]
@@ -101,8 +115,16 @@ def test_filter_errors_name_the_bad_thing(annotated, tmp_path):
     with pytest.raises(StageError, match="no manifest.json"):
         filter_samples(stage_config("filtering", f"input={tmp_path}", f"output={tmp_path / 'x'}"))
     with pytest.raises(StageError, match="top_fraction"):
-        filter_samples(stage_config("filtering", f"input={meta_dir}", f"output={tmp_path / 'y'}", "filter=clip_score",
-                                    "filter.clip_score.top_fraction=0.5", "tracking=false"))
+        filter_samples(
+            stage_config(
+                "filtering",
+                f"input={meta_dir}",
+                f"output={tmp_path / 'y'}",
+                "filter=clip_score",
+                "filter.clip_score.top_fraction=0.5",
+                "tracking=false",
+            )
+        )
 
 
 def test_shards_are_webdataset_readable_sized_and_deterministic(default_world_raw, annotated, tmp_path):
@@ -115,8 +137,17 @@ def test_shards_are_webdataset_readable_sized_and_deterministic(default_world_ra
     kept = filter_manifest["counts"]["kept"]
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        runs[name] = shard(stage_config("shard", f"input={raw}", f"selection={sel}", f"output={tmp_path / name}",
-                                        "samples_per_shard=50", f"seed={seed}", "progress=false"))
+        runs[name] = shard(
+            stage_config(
+                "shard",
+                f"input={raw}",
+                f"selection={sel}",
+                f"output={tmp_path / name}",
+                "samples_per_shard=50",
+                f"seed={seed}",
+                "progress=false",
+            )
+        )
     sizes = json.load(open(tmp_path / "a" / "sizes.json"))
     assert sum(sizes.values()) == kept and list(sizes.values())[:-1] == [50] * (len(sizes) - 1)
     for tar, n in sizes.items():

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from support import ROOT, kill_when, stage_config
 from pipeline.annotate.run import annotate
 from pipeline.filter.run import filter_samples
 from pipeline.shard.run import shard
+from support import ROOT, kill_when, stage_config
 
 SHARDS = 12
 
@@ -39,8 +39,16 @@ def many_shards(default_world_raw, tmp_path_factory):
 @pytest.mark.slow
 def test_annotate_killed_resumes_to_the_same_result(many_shards, tiny_clip, tmp_path):
     def command(out):
-        return [sys.executable, "-m", "pipeline.annotate", f"input={many_shards}", f"output={out}", f"clip={tiny_clip}",
-                "clip_batch_size=8", "ray.num_cpus=2"]
+        return [
+            sys.executable,
+            "-m",
+            "pipeline.annotate",
+            f"input={many_shards}",
+            f"output={out}",
+            f"clip={tiny_clip}",
+            "clip_batch_size=8",
+            "ray.num_cpus=2",
+        ]
 
     killed = tmp_path / "killed"
     kill_when(command(killed), lambda: len(glob.glob(f"{killed}/0*.parquet")) >= 2)
@@ -62,8 +70,17 @@ def test_shard_killed_resumes_to_the_same_result(default_world_raw, annotated, t
     filter_samples(stage_config("filtering", f"input={meta_dir}", f"output={sel}", "tracking=false"))
 
     def command(out):
-        return [sys.executable, "-m", "pipeline.shard", f"input={raw}", f"selection={sel}", f"output={out}",
-                "samples_per_shard=4", "processes=1", "ray.num_cpus=2"]
+        return [
+            sys.executable,
+            "-m",
+            "pipeline.shard",
+            f"input={raw}",
+            f"selection={sel}",
+            f"output={out}",
+            "samples_per_shard=4",
+            "processes=1",
+            "ray.num_cpus=2",
+        ]
 
     killed = tmp_path / "killed"
     kill_when(command(killed), lambda: len(glob.glob(f"{killed}/_plan/done/*.json")) >= 2)

@@ -9,11 +9,17 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from support import CONF
+
 TOY = {
     "overrides.clip": ["data.batch_size=16", "trainer.max_steps=8", "data.num_workers=0"],
     "overrides.vae": ["data.batch_size=8", "trainer.max_steps=4", "data.num_workers=0"],
     "overrides.ldm": ["data.batch_size=8", "trainer.max_steps=4", "data.num_workers=0"],
-    "overrides.drawbench": ["world_suite.per_category=1", "generation.n=1", "generation.steps=2", "report.bootstrap=50"],
+    "overrides.drawbench": [
+        "world_suite.per_category=1",
+        "generation.n=1",
+        "generation.steps=2",
+        "report.bootstrap=50",
+    ],
     "eval_set_size": 20,
 }
 

@@ -20,18 +20,19 @@ def test_ema_update_is_the_convex_combination_and_its_warmup_follows_the_formula
     ema_update(average, model, 0.9)
     for kept, old, current in zip(average.parameters(), before, model.parameters()):
         assert torch.allclose(kept, 0.9 * old + 0.1 * current, atol=1e-7)
-    assert ema_decay(0, 0.9999) == pytest.approx(0.1)            # (1 + 0) / (10 + 0)
+    assert ema_decay(0, 0.9999) == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
     assert ema_decay(90, 0.9999) == pytest.approx(91 / 100)
-    assert ema_decay(10**6, 0.9999) == 0.9999                    # capped by the configured decay
+    assert ema_decay(10**6, 0.9999) == 0.9999  # capped by the configured decay
     assert ema_decay(0, 0.99, warmup=False) == 0.99
-    ema_update(average, model, 0.0)                              # decay 0: the average becomes the weights
+    ema_update(average, model, 0.0)  # decay 0: the average becomes the weights
     assert all(torch.equal(a, b) for a, b in zip(average.parameters(), model.parameters()))
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_min_snr_weights_match_the_formula(prediction):
-    schedule = noise_scheduler(prediction, num_train_timesteps=1000, beta_schedule="scaled_linear",
-                               beta_start=0.00085, beta_end=0.012)
+    schedule = noise_scheduler(
+        prediction, num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+    )
     steps = torch.tensor([0, 10, 250, 500, 999])
     alpha_bar = schedule.alphas_cumprod[steps].double()
     snr = alpha_bar / (1 - alpha_bar)  # SNR(t) = ᾱ / (1 − ᾱ)
@@ -39,7 +40,9 @@ def test_min_snr_weights_match_the_formula(prediction):
     assert torch.allclose(min_snr_weights(schedule, steps, 5.0).double(), expected, rtol=1e-5)
     # Early steps (high SNR) are damped, late ones keep full weight (ε) or SNR/(SNR + 1) (v).
     weights = min_snr_weights(schedule, steps, 5.0)
-    assert weights[0] < 0.01 and weights[-1] == pytest.approx(1.0 if prediction == "epsilon" else float(snr[-1] / (snr[-1] + 1)), rel=1e-4)
+    assert weights[0] < 0.01 and weights[-1] == pytest.approx(
+        1.0 if prediction == "epsilon" else float(snr[-1] / (snr[-1] + 1)), rel=1e-4
+    )
     assert torch.equal(min_snr_weights(schedule, steps, None), torch.ones(5))
 
 
@@ -57,4 +60,6 @@ def test_psnr_and_latent_scale_on_hand_made_cases():
         with torch.no_grad():
             latents = torch.cat([vae.encode(b["pixel_values"]).latent_dist.sample() for b in batches[:limit]]).double()
         torch.manual_seed(1)
-        assert latent_scale(vae, batches, max_batches=limit) == pytest.approx(1 / latents.std(unbiased=False).item(), rel=1e-6)
+        assert latent_scale(vae, batches, max_batches=limit) == pytest.approx(
+            1 / latents.std(unbiased=False).item(), rel=1e-6
+        )

@@ -17,14 +17,20 @@ import pytest
 import torch
 from PIL import Image
 
-from support import (DRAWBENCH_COUNTS, DRAWBENCH_CSV, ROOT, drawbench_like_csv, needs_official_drawbench,
-                     subprocess_env)
-from evaluation.t2i.prompt_suites import DRAWBENCH_CATEGORIES, WORLD_CATEGORIES, read_prompt_csv, world_suite, world_vocabulary
 from evaluation.t2i.metrics import bootstrap_mean, clip_scores, pairwise_outcomes
+from evaluation.t2i.prompt_suites import (
+    DRAWBENCH_CATEGORIES,
+    WORLD_CATEGORIES,
+    read_prompt_csv,
+    world_suite,
+    world_vocabulary,
+)
 from evaluation.t2i.world_checks import ObjectFinder, judge
 from pipeline.world.render import encode_jpeg, render
 from pipeline.world.scene import Vocabulary
+from support import DRAWBENCH_COUNTS, DRAWBENCH_CSV, ROOT, drawbench_like_csv, needs_official_drawbench, subprocess_env
 from training.errors import UserError
+
 
 def official_style(path, source=DRAWBENCH_CSV) -> str:
     """A `prompt,category` CSV rewritten as the Imagen sheet exports it: `Prompts,Category`, an extra column,
@@ -74,9 +80,21 @@ def test_download_command_against_a_local_server(tmp_path):
     base = f"http://127.0.0.1:{server.server_address[1]}"
 
     def download(name: str, output):
-        return subprocess.run([sys.executable, "-m", "evaluation.t2i.download_drawbench", f"url={base}/{name}",
-                               f"output={output}", "hydra.run.dir=" + str(tmp_path / "hydra")],
-                              cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "evaluation.t2i.download_drawbench",
+                f"url={base}/{name}",
+                f"output={output}",
+                "hydra.run.dir=" + str(tmp_path / "hydra"),
+            ],
+            cwd=ROOT,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     try:
         done = download("drawbench.csv", tmp_path / "data" / "drawbench.csv")
@@ -86,7 +104,10 @@ def test_download_command_against_a_local_server(tmp_path):
         assert written.read_text().splitlines()[0] == "prompt,category"
         assert read_prompt_csv(str(written)) == read_prompt_csv(str(source))
 
-        for name, message in (("nothing.csv", "download failed (HTTP Error 404"), ("page.html", "did not give a prompt CSV")):
+        for name, message in (
+            ("nothing.csv", "download failed (HTTP Error 404"),
+            ("page.html", "did not give a prompt CSV"),
+        ):
             failed = download(name, tmp_path / "other.csv")
             lines = failed.stderr.strip().splitlines()
             assert failed.returncode == 2 and len(lines) == 1 and message in lines[0] and name in lines[0]
@@ -110,16 +131,31 @@ def test_world_suite_is_deterministic_and_covers_its_categories():
 
 def scene_from_truth(truth: dict, vocab: dict, rng: random.Random) -> dict:
     """A world scene showing exactly what the truth states; what it leaves open is drawn at random."""
-    return {"kind": truth["kind"], "shape": truth["shape"], "colour": truth["colour"],
-            "size": truth.get("size") or rng.choice(list(vocab["sizes"])),
-            "background": truth.get("background") or rng.choice(vocab["backgrounds"]),
-            "layout_seed": rng.randrange(2**31), "count": truth.get("count", 1),
-            "position": truth.get("position") or rng.choice(vocab["positions"]),
-            "shape2": truth.get("shape2"), "colour2": truth.get("colour2"), "relation": truth.get("relation")}
+    return {
+        "kind": truth["kind"],
+        "shape": truth["shape"],
+        "colour": truth["colour"],
+        "size": truth.get("size") or rng.choice(list(vocab["sizes"])),
+        "background": truth.get("background") or rng.choice(vocab["backgrounds"]),
+        "layout_seed": rng.randrange(2**31),
+        "count": truth.get("count", 1),
+        "position": truth.get("position") or rng.choice(vocab["positions"]),
+        "shape2": truth.get("shape2"),
+        "colour2": truth.get("colour2"),
+        "relation": truth.get("relation"),
+    }
 
 
-OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "left_of": "right_of",
-            "right_of": "left_of", "above": "below", "below": "above"}
+OPPOSITE = {
+    "left": "right",
+    "right": "left",
+    "top": "bottom",
+    "bottom": "top",
+    "left_of": "right_of",
+    "right_of": "left_of",
+    "above": "below",
+    "below": "above",
+}
 
 
 def contradicted(truth: dict, rng: random.Random) -> dict:
@@ -178,13 +214,21 @@ def test_clip_score_is_the_formula_on_a_hand_made_case(tiny_clip):
     rng = np.random.default_rng(0)
     pictures = [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(4)]
     pictures += [Image.new("RGB", (32, 32), colour) for colour in ((0, 0, 0), (255, 255, 255), (220, 40, 40))]
-    captions = ["a red circle", "two blue squares on the left", "a star", "four green triangles at the top",
-                "an orange diamond above a purple circle", "a photo", ""]
+    captions = [
+        "a red circle",
+        "two blue squares on the left",
+        "a star",
+        "four green triangles at the top",
+        "an orange diamond above a purple circle",
+        "a photo",
+        "",
+    ]
     images = [p for p in pictures for _ in captions]  # every pair
     texts = [c for _ in pictures for c in captions]
     pixels = torch.stack([encoder.transform()(image) for image in pictures])
-    tokens = encoder.tokenizer(captions, padding="max_length", truncation=True, max_length=encoder.context_length,
-                               return_tensors="pt")
+    tokens = encoder.tokenizer(
+        captions, padding="max_length", truncation=True, max_length=encoder.context_length, return_tensors="pt"
+    )
     signs = set()
     for flip in (False, True):  # the text projection negated flips every cosine: both signs are covered
         if flip:
@@ -192,7 +236,9 @@ def test_clip_score_is_the_formula_on_a_hand_made_case(tiny_clip):
                 encoder.model.text_projection.weight.neg_()
         scores = clip_scores(encoder, images, texts, batch_size=16)
         with torch.no_grad():
-            out = encoder.model(pixel_values=pixels, input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            out = encoder.model(
+                pixel_values=pixels, input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+            )
             cosine = (out.logits_per_image / encoder.model.logit_scale.exp()).flatten().numpy()  # (images × captions)
         assert np.allclose(scores, 2.5 * np.maximum(cosine, 0), atol=1e-5)
         assert (scores[cosine <= 0] == 0).all() and (scores[cosine > 0] > 0).all()

@@ -16,10 +16,18 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from support import CONF, ROOT, eval_config, subprocess_env
-from support import DRAWBENCH_COUNTS, DRAWBENCH_CSV, drawbench_like_csv, needs_official_drawbench
-from evaluation.t2i.prompt_suites import WORLD_CATEGORIES
 from evaluation.run import evaluate
+from evaluation.t2i.prompt_suites import WORLD_CATEGORIES
+from support import (
+    CONF,
+    DRAWBENCH_COUNTS,
+    DRAWBENCH_CSV,
+    ROOT,
+    drawbench_like_csv,
+    eval_config,
+    needs_official_drawbench,
+    subprocess_env,
+)
 from training.errors import UserError
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -31,15 +39,19 @@ def tiny_pipeline(tmp_path_factory, tiny_clip) -> str:
     `training.train task=ldm` leaves it: `<output>/pipeline` with `lineage.json` naming the CLIP beside it."""
     from hydra.utils import instantiate
 
-    from training.diffusion.unet import load_text_encoder, noise_scheduler
     from training.diffusion.export import assemble_pipeline
+    from training.diffusion.unet import load_text_encoder, noise_scheduler
     from training.recipe import write_lineage
 
     torch.manual_seed(0)
     text_encoder, tokenizer = load_text_encoder(tiny_clip)
     vae = instantiate(OmegaConf.load(CONF / "model" / "vae_tiny.yaml"))
-    unet = instantiate(OmegaConf.load(CONF / "model" / "unet_tiny.yaml"), sample_size=8, in_channels=4,
-                       cross_attention_dim=text_encoder.config.hidden_size)
+    unet = instantiate(
+        OmegaConf.load(CONF / "model" / "unet_tiny.yaml"),
+        sample_size=8,
+        in_channels=4,
+        cross_attention_dim=text_encoder.config.hidden_size,
+    )
     task = OmegaConf.load(CONF / "task" / "ldm.yaml")
     schedule = noise_scheduler(**{k: v for k, v in task.noise_scheduler.items() if k != "_target_"})
     output = tmp_path_factory.mktemp("t2i")
@@ -49,8 +61,16 @@ def tiny_pipeline(tmp_path_factory, tiny_clip) -> str:
 
 
 def drawbench_args(model, output, *extra):
-    return ["benchmark=drawbench", f"pipeline={model}", f"output={output}", "generation.n=1", "generation.steps=2",
-            "generation.batch_size=50", "report.bootstrap=200", *extra]
+    return [
+        "benchmark=drawbench",
+        f"pipeline={model}",
+        f"output={output}",
+        "generation.n=1",
+        "generation.steps=2",
+        "generation.batch_size=50",
+        "report.bootstrap=200",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -121,27 +141,56 @@ def test_mlflow_holds_metrics_per_category_the_table_and_the_grids(official_run)
     assert run.data.tags["pixelmill.model"] == record["model"] and "pixelmill.baseline" in run.data.tags
 
 
-@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("PIXELMILL_REQUIRE_CHROMIUM"),
-                    reason="no Chromium here; `make test` installs Debian's chromium when it runs as root")
+@pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("PIXELMILL_REQUIRE_CHROMIUM"),
+    reason="no Chromium here; `make test` installs Debian's chromium when it runs as root",
+)
 def test_html_report_renders_in_headless_chromium(official_run, tmp_path):
     assert CHROMIUM, "PIXELMILL_REQUIRE_CHROMIUM is set but no chromium is on PATH"
     report = official_run["folder"] / "out" / "report.html"
     shot = tmp_path / "report.png"
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1280,1400",
-                    f"--screenshot={shot}", report.as_uri()], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--hide-scrollbars",
+            "--window-size=1280,1400",
+            f"--screenshot={shot}",
+            report.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert pixels.shape == (1400, 1280, 3)
-    ink = (pixels < 200).any(-1).mean()                      # text, table lines, pictures
+    ink = (pixels < 200).any(-1).mean()  # text, table lines, pictures
     colour = ((pixels.max(-1) - pixels.min(-1)) > 60).mean()  # the generated images in the first grid
     print(f"screenshot: {ink:.1%} inked, {colour:.1%} coloured")
     assert ink > 0.03 and colour > 0.005
 
 
 def test_world_suite_scores_with_the_checkers(tiny_pipeline, tmp_path):
-    record = evaluate(eval_config(*drawbench_args(tiny_pipeline, tmp_path / "out", "prompts=world",
-                                                  "world_suite.per_category=3", "generation.n=2", "tracking=false")))
+    record = evaluate(
+        eval_config(
+            *drawbench_args(
+                tiny_pipeline,
+                tmp_path / "out",
+                "prompts=world",
+                "world_suite.per_category=3",
+                "generation.n=2",
+                "tracking=false",
+            )
+        )
+    )
     assert list(record["categories"]) == [*WORLD_CATEGORIES, "all"]
     assert record["samples"] == 5 * 3 * 2
     assert all("correct" in e and "clip_score" in e for e in record["categories"].values())
@@ -156,7 +205,10 @@ def test_bad_input_fails_in_one_line(tiny_pipeline, tmp_path):
     shutil.copytree(tiny_pipeline, stray)
     cases = [
         ([f"pipeline={tmp_path}"], f"pipeline={tmp_path} is not a diffusers pipeline folder"),
-        ([f"pipeline={tiny_pipeline}", f"baseline={tmp_path}"], f"baseline={tmp_path} is not a diffusers pipeline folder"),
+        (
+            [f"pipeline={tiny_pipeline}", f"baseline={tmp_path}"],
+            f"baseline={tmp_path} is not a diffusers pipeline folder",
+        ),
         ([f"pipeline={stray}"], "judge=<CLIP folder> is needed"),
         ([f"pipeline={tiny_pipeline}", f"judge={tmp_path}"], f"judge={tmp_path} is not a transformers CLIP folder"),
         ([f"pipeline={tiny_pipeline}", f"prompts={tmp_path / 'none.csv'}"], "none.csv: no such file"),
@@ -165,8 +217,21 @@ def test_bad_input_fails_in_one_line(tiny_pipeline, tmp_path):
     for overrides, message in cases:
         with pytest.raises(UserError, match=re.escape(message)):
             evaluate(eval_config("benchmark=drawbench", f"output={tmp_path / 'out'}", "tracking=false", *overrides))
-    done = subprocess.run([sys.executable, "-m", "evaluation.run", "benchmark=drawbench", f"pipeline={tmp_path}",
-                           f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "evaluation.run",
+            "benchmark=drawbench",
+            f"pipeline={tmp_path}",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+        ],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        f"error: pipeline={tmp_path} is not a diffusers pipeline folder (no model_index.json there)"]
+        f"error: pipeline={tmp_path} is not a diffusers pipeline folder (no model_index.json there)"
+    ]

@@ -9,21 +9,23 @@ import numpy as np
 import pytest
 import torch
 
-from support import eval_config
-from evaluation.zeroshot.metrics import classification_metrics, retrieval_metrics
 from evaluation.run import evaluate
+from evaluation.zeroshot.metrics import classification_metrics, retrieval_metrics
 from evaluation.zeroshot.templates import IMAGENET_80, fill, resolve_templates
+from support import eval_config
 from training.errors import UserError, run_command
 
 
 def test_classification_metrics_by_hand_with_ties_and_an_empty_class():
-    scores = torch.tensor([
-        [0.9, 0.1, 0.0],  # true 0: first
-        [0.5, 0.5, 0.2],  # true 1: tied with class 0, and a tie counts against the model → second
-        [0.2, 0.3, 0.1],  # true 0: second, class 1 predicted
-        [0.1, 0.8, 0.3],  # true 1: first
-        [1.0, 0.0, 0.0],  # true 0: first
-    ])
+    scores = torch.tensor(
+        [
+            [0.9, 0.1, 0.0],  # true 0: first
+            [0.5, 0.5, 0.2],  # true 1: tied with class 0, and a tie counts against the model → second
+            [0.2, 0.3, 0.1],  # true 0: second, class 1 predicted
+            [0.1, 0.8, 0.3],  # true 1: first
+            [1.0, 0.0, 0.0],  # true 0: first
+        ]
+    )
     labels = torch.tensor([0, 1, 0, 1, 0])
     result = classification_metrics(scores, labels, num_classes=3, ks=(1, 2))
     assert result["metrics"]["acc1"] == pytest.approx(3 / 5)
@@ -39,16 +41,22 @@ def test_classification_metrics_by_hand_with_ties_and_an_empty_class():
 
 def test_retrieval_with_several_captions_per_image_by_hand():
     images = torch.eye(3)  # so that text · image is the text row's entry for that image
-    texts = torch.tensor([
-        [0.2, 0.9, 0.1],  # caption of image 0; image 1 scores higher → rank 1
-        [0.8, 0.1, 0.3],  # caption of image 0 → rank 0
-        [0.5, 0.5, 0.0],  # caption of image 1, tied with image 0 → rank 1
-        [0.1, 0.2, 0.7],  # caption of image 2 → rank 0
-    ])
+    texts = torch.tensor(
+        [
+            [0.2, 0.9, 0.1],  # caption of image 0; image 1 scores higher → rank 1
+            [0.8, 0.1, 0.3],  # caption of image 0 → rank 0
+            [0.5, 0.5, 0.0],  # caption of image 1, tied with image 0 → rank 1
+            [0.1, 0.2, 0.7],  # caption of image 2 → rank 0
+        ]
+    )
     text_image = torch.tensor([0, 0, 1, 2])
     # Image → text: image 0's best caption (0.8) leads; image 1's (0.5) trails caption 0 (0.9); image 2 leads.
-    expected = {"image_retrieval_recall@1": 2 / 4, "image_retrieval_recall@2": 1.0,
-                "text_retrieval_recall@1": 2 / 3, "text_retrieval_recall@2": 1.0}
+    expected = {
+        "image_retrieval_recall@1": 2 / 4,
+        "image_retrieval_recall@2": 1.0,
+        "text_retrieval_recall@1": 2 / 3,
+        "text_retrieval_recall@2": 1.0,
+    }
     for chunk in (1, 2, 1024):
         assert retrieval_metrics(images, texts, text_image, ks=(1, 2), chunk=chunk) == pytest.approx(expected)
 
@@ -84,9 +92,11 @@ def test_templates_named_from_the_dataset_from_a_file_or_a_list(tmp_path):
 def test_bad_model_or_dataset_is_one_line_naming_it(tmp_path, tiny_clip, capsys):
     (tmp_path / "set" / "test").mkdir(parents=True)
     (tmp_path / "set" / "test" / "nshards.txt").write_text("0\n")
-    cases = [(f"clip={tmp_path}/no_model", f"dataset={tmp_path}/set", f"{tmp_path}/no_model"),
-             (f"clip={tiny_clip}", f"dataset={tmp_path}/set", "classnames.txt"),
-             (f"clip={tiny_clip}", f"dataset={tmp_path}/nothing", f"{tmp_path}/nothing")]
+    cases = [
+        (f"clip={tmp_path}/no_model", f"dataset={tmp_path}/set", f"{tmp_path}/no_model"),
+        (f"clip={tiny_clip}", f"dataset={tmp_path}/set", "classnames.txt"),
+        (f"clip={tiny_clip}", f"dataset={tmp_path}/nothing", f"{tmp_path}/nothing"),
+    ]
     for model, dataset, needle in cases:
         cfg = eval_config(model, dataset, "tracking=false", f"output={tmp_path}/out.json")
         with pytest.raises(SystemExit) as exit_info:

@@ -8,9 +8,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from support import ROOT, stage_config
 from pipeline.errors import StageError
 from pipeline.eval_set.export import export_eval_set
+from support import ROOT, stage_config
 
 
 def read_set(folder, split="test"):
@@ -26,7 +26,7 @@ def test_world_colour_set_labels_match_pixels(tmp_path):
     templates = open(tmp_path / "zeroshot_classification_templates.txt").read().splitlines()
     assert n == 3 and len(samples) == 60 == manifest["counts"]["samples"]
     assert classes == ["red", "orange", "yellow", "green", "blue", "purple"] and all("{c}" in t for t in templates)
-    for image, label, caption in samples:
+    for _image, label, caption in samples:
         assert classes[label] in caption  # the caption names the labelled colour
     assert len({label for _, label, _ in samples}) >= 5
 
@@ -43,6 +43,20 @@ def test_folder_set_and_errors(tmp_path):
     assert np.asarray(samples[4][0])[10, 10, 2] > 150
     with pytest.raises(StageError, match="attribute='mood'"):
         export_eval_set(stage_config("eval_set", f"output={tmp_path / 'x'}", "attribute=mood"))
-    done = subprocess.run([sys.executable, "-m", "pipeline.eval_set", "source=folder", f"path={tmp_path / 'none'}",
-                           f"output={tmp_path / 'y'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"error: path={tmp_path / 'none'} holds no class folders; expected <path>/<class name>/<image files>"]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.eval_set",
+            "source=folder",
+            f"path={tmp_path / 'none'}",
+            f"output={tmp_path / 'y'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: path={tmp_path / 'none'} holds no class folders; expected <path>/<class name>/<image files>"
+    ]

@@ -10,10 +10,10 @@ import mlflow
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.world.shards import write_world_shards
-from support import CONF, eval_config, mlflow_server, stage_config
 from evaluation.run import evaluate
 from pipeline.eval_set.export import export_eval_set
+from pipeline.world.shards import write_world_shards
+from support import CONF, eval_config, mlflow_server, stage_config
 from training.train import train
 
 # Shapes drawn large enough to tell apart at the tiny model's 32 px.
@@ -30,17 +30,33 @@ def trained(tmp_path_factory):
     sets = {}
     for attribute in ("colour", "shape"):
         sets[attribute] = str(root / f"eval_{attribute}")
-        export_eval_set(stage_config("eval_set", f"attribute={attribute}", f"output={sets[attribute]}", "n=300",
-                                     "world.image_size=48", "world.sizes={small:0.22,medium:0.28,large:0.34}"))
+        export_eval_set(
+            stage_config(
+                "eval_set",
+                f"attribute={attribute}",
+                f"output={sets[attribute]}",
+                "n=300",
+                "world.image_size=48",
+                "world.sizes={small:0.22,medium:0.28,large:0.34}",
+            )
+        )
     uri = f"sqlite:///{root}/mlflow.db"
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_URI", uri)
-        cfg = stage_config("train", f"data.path={shards}", f"output={root}/run", "data.batch_size=128",
-                           f"trainer.max_steps={STEPS}", "module.optimizer.lr=2e-3", "module.warmup_steps=10",
-                           "trainer.enable_progress_bar=false", "checkpoint_every=1000",
-                           "+callbacks.zeroshot._target_=evaluation.zeroshot.callback.ZeroShotCallback",
-                           f"+callbacks.zeroshot.datasets={{colour: {sets['colour']}, shape: {sets['shape']}}}",
-                           "+callbacks.zeroshot.every_n_steps=100")
+        cfg = stage_config(
+            "train",
+            f"data.path={shards}",
+            f"output={root}/run",
+            "data.batch_size=128",
+            f"trainer.max_steps={STEPS}",
+            "module.optimizer.lr=2e-3",
+            "module.warmup_steps=10",
+            "trainer.enable_progress_bar=false",
+            "checkpoint_every=1000",
+            "+callbacks.zeroshot._target_=evaluation.zeroshot.callback.ZeroShotCallback",
+            f"+callbacks.zeroshot.datasets={{colour: {sets['colour']}, shape: {sets['shape']}}}",
+            "+callbacks.zeroshot.every_n_steps=100",
+        )
         train(cfg)
     return {"model": f"{root}/run/clip", "sets": sets, "uri": uri, "root": root}
 
@@ -48,8 +64,15 @@ def trained(tmp_path_factory):
 def test_world_clip_beats_chance_and_the_callback_agrees_with_the_command(trained, tmp_path):
     results = {}
     for attribute, path in trained["sets"].items():
-        results[attribute] = evaluate(eval_config(f"clip={trained['model']}", f"dataset={path}", "tracking=false",
-                                                  f"output={tmp_path}/{attribute}.json", "progress=false"))
+        results[attribute] = evaluate(
+            eval_config(
+                f"clip={trained['model']}",
+                f"dataset={path}",
+                "tracking=false",
+                f"output={tmp_path}/{attribute}.json",
+                "progress=false",
+            )
+        )
         assert json.load(open(f"{tmp_path}/{attribute}.json")) == json.loads(json.dumps(results[attribute]))
     colour = results["colour"]["metrics"]
     print("world zero-shot:", {a: r["metrics"] for a, r in results.items()})
@@ -67,8 +90,14 @@ def test_world_clip_beats_chance_and_the_callback_agrees_with_the_command(traine
 def test_results_reach_a_real_mlflow_server_with_tables_pictures_and_lineage(trained, tmp_path, monkeypatch):
     with mlflow_server(tmp_path) as uri:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        record = evaluate(eval_config(f"clip={trained['model']}", f"dataset={trained['sets']['colour']}",
-                                      f"output={tmp_path}/colour.json", "progress=false"))
+        record = evaluate(
+            eval_config(
+                f"clip={trained['model']}",
+                f"dataset={trained['sets']['colour']}",
+                f"output={tmp_path}/colour.json",
+                "progress=false",
+            )
+        )
         client = mlflow.MlflowClient(uri)
         experiment = client.get_experiment_by_name("pixelmill-zeroshot")  # one experiment per task
         (run,) = client.search_runs([experiment.experiment_id])
@@ -79,8 +108,13 @@ def test_results_reach_a_real_mlflow_server_with_tables_pictures_and_lineage(tra
         assert run.data.tags["pixelmill.dataset_hash"]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"per_class.json", "confusion_matrix.png", "results.json"} <= artifacts
-        table = json.load(open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="per_class.json",
-                                                                   dst_path=str(tmp_path / "dl"))))
+        table = json.load(
+            open(
+                mlflow.artifacts.download_artifacts(
+                    run_id=run.info.run_id, artifact_path="per_class.json", dst_path=str(tmp_path / "dl")
+                )
+            )
+        )
         assert table["columns"] == ["class", "support", "recall"] and len(table["data"]) == 6
 
 
@@ -107,11 +141,24 @@ def _retrieval_set(folder, n: int = 100):
 
 def test_retrieval_with_two_captions_per_image(trained, tmp_path):
     path = _retrieval_set(tmp_path / "retrieval")
-    record = evaluate(eval_config("benchmark=retrieval", f"clip={trained['model']}", f"dataset={path}", "tracking=false",
-                                  f"output={tmp_path}/r.json", "progress=false", "chunk_size=16"))
+    record = evaluate(
+        eval_config(
+            "benchmark=retrieval",
+            f"clip={trained['model']}",
+            f"dataset={path}",
+            "tracking=false",
+            f"output={tmp_path}/r.json",
+            "progress=false",
+            "chunk_size=16",
+        )
+    )
     metrics = record["metrics"]
     assert record["samples"] == 100 and record["captions"] == 200
     print("world retrieval:", metrics)
     # Chance for recall@10 is 0.1 both ways; colour alone narrows 100 images to about 17.
     assert metrics["image_retrieval_recall@10"] >= 0.3 and metrics["text_retrieval_recall@10"] >= 0.3
-    assert metrics["image_retrieval_recall@1"] <= metrics["image_retrieval_recall@5"] <= metrics["image_retrieval_recall@10"]
+    assert (
+        metrics["image_retrieval_recall@1"]
+        <= metrics["image_retrieval_recall@5"]
+        <= metrics["image_retrieval_recall@10"]
+    )

@@ -17,9 +17,11 @@ def meta_table(n=200, seed=0):
     return {
         "key": np.array([f"{i:06d}" for i in range(n)], dtype=object),
         "error": np.array([None] * n, dtype=object),
-        "original_width": w, "original_height": h,
+        "original_width": w,
+        "original_height": h,
         "aspect_ratio": np.maximum(w, h) / np.minimum(w, h),
-        "caption_words": words, "caption_chars": words * 5 + rng.integers(0, 5, n),
+        "caption_words": words,
+        "caption_chars": words * 5 + rng.integers(0, 5, n),
         "clip_score": rng.uniform(-0.2, 0.5, n),
         "sha256": np.array([f"h{i % 150}" for i in range(n)], dtype=object),
     }
@@ -57,11 +59,13 @@ def test_exact_duplicates_keep_the_first_key_and_rules_run_rows_first():
     meta = meta_table()
     dropped = ExactDuplicate().drop(meta, np.ones(200, bool))
     assert dropped.sum() == 50 and not dropped[:150].any()  # rows 150..199 repeat rows 0..49
-    rules = build_rules({
-        "dedup": {"_target_": "pipeline.filter.rules.ExactDuplicate"},
-        "size": {"_target_": "pipeline.filter.rules.ImageSize", "min_side": 100},
-        "off": None,
-    })
+    rules = build_rules(
+        {
+            "dedup": {"_target_": "pipeline.filter.rules.ExactDuplicate"},
+            "size": {"_target_": "pipeline.filter.rules.ImageSize", "min_side": 100},
+            "off": None,
+        }
+    )
     assert [name for name, _ in rules] == ["size", "dedup"]  # row rules before set rules
     reason, funnel = apply_rules(meta, rules)
     assert funnel[-1]["left"] == (reason == None).sum()  # noqa: E711

@@ -14,6 +14,8 @@ import pyarrow.parquet as pq
 from pipeline.crawl.run import crawl
 from pipeline.world import World, WorldServer
 from support import crawl_config, world_config
+
+
 def _tar_names(folder):
     return {os.path.basename(p): sorted(tarfile.open(p).getnames()) for p in glob.glob(f"{folder}/*.tar")}
 
@@ -32,10 +34,23 @@ def test_same_layout_keys_and_fields_as_img2dataset(ray_local, tmp_path):
     with WorldServer(world) as server:
         urls, _ = world.write(tmp_path, server.base_url)
         theirs, ours = tmp_path / "img2dataset", tmp_path / "pixelmill"
-        download(url_list=urls, input_format="parquet", url_col="url", caption_col="caption",
-                 output_format="webdataset", output_folder=str(theirs), processes_count=1, thread_count=4,
-                 image_size=64, resize_mode="border", number_sample_per_shard=20, timeout=2, retries=0,
-                 enable_wandb=False, distributor="multiprocessing")
+        download(
+            url_list=urls,
+            input_format="parquet",
+            url_col="url",
+            caption_col="caption",
+            output_format="webdataset",
+            output_folder=str(theirs),
+            processes_count=1,
+            thread_count=4,
+            image_size=64,
+            resize_mode="border",
+            number_sample_per_shard=20,
+            timeout=2,
+            retries=0,
+            enable_wandb=False,
+            distributor="multiprocessing",
+        )
         crawl(crawl_config(f"input={urls}", f"output={ours}", "number_sample_per_shard=20"))
 
     def rows(folder):

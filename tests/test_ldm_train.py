@@ -15,12 +15,12 @@ import torch
 import webdataset as wds
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
+from pipeline.encode.run import encode
 from pipeline.world.shards import write_world_shards
 from support import ROOT, kill_then_resume, stage_config, subprocess_env
-from pipeline.encode.run import encode
+from training.data.transforms import EvalTransform
 from training.diffusion.autoencoder import SYMMETRIC_MEAN, SYMMETRIC_STD, psnr
 from training.train import train
-from training.data.transforms import EvalTransform
 
 FIXED = ["data.num_workers=0", "data.shuffle_buffer=0", "data.crop_scale=[1,1]", "trainer.enable_progress_bar=false"]
 
@@ -37,9 +37,21 @@ def four(tmp_path_factory):
     """Four captioned world images (32 px) and an autoencoder overfitted on them (300 steps, ≈20 s)."""
     root = tmp_path_factory.mktemp("ldm")
     shards = write_world_shards(root / "shards", 4, 4, image_size=32)
-    train(stage_config("train", "task=vae", f"data.path={shards}", f"output={root}/vae_run", "data.batch_size=4",
-                       "trainer.max_steps=300", "module.optimizer.lr=2e-3", "module.warmup_steps=10",
-                       "checkpoint_every=1000", "tracking=false", *FIXED))
+    train(
+        stage_config(
+            "train",
+            "task=vae",
+            f"data.path={shards}",
+            f"output={root}/vae_run",
+            "data.batch_size=4",
+            "trainer.max_steps=300",
+            "module.optimizer.lr=2e-3",
+            "module.warmup_steps=10",
+            "checkpoint_every=1000",
+            "tracking=false",
+            *FIXED,
+        )
+    )
     return {"root": root, "shards": shards, "vae": f"{root}/vae_run/vae"}
 
 
@@ -64,23 +76,52 @@ def test_unet_overfits_four_captions_and_the_pipeline_draws_them_back(four, tiny
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     captions, pixels = _images(four["shards"])
-    train(stage_config("train", "task=ldm", f"data.path={four['shards']}", f"vae={four['vae']}", f"clip={tiny_clip}",
-                       f"output={tmp_path}/run", "data.batch_size=4", "trainer.max_steps=800", "module.optimizer.lr=1e-3",
-                       "module.warmup_steps=20", "module.ema_decay=0.99", "checkpoint_every=10000", *FIXED,
-                       "+callbacks.samples._target_=training.diffusion.export.SampleGrid",
-                       f"+callbacks.samples.prompts=[{captions[0]}]", "+callbacks.samples.every_n_steps=400",
-                       "+callbacks.samples.steps=5"))
+    train(
+        stage_config(
+            "train",
+            "task=ldm",
+            f"data.path={four['shards']}",
+            f"vae={four['vae']}",
+            f"clip={tiny_clip}",
+            f"output={tmp_path}/run",
+            "data.batch_size=4",
+            "trainer.max_steps=800",
+            "module.optimizer.lr=1e-3",
+            "module.warmup_steps=20",
+            "module.ema_decay=0.99",
+            "checkpoint_every=10000",
+            *FIXED,
+            "+callbacks.samples._target_=training.diffusion.export.SampleGrid",
+            f"+callbacks.samples.prompts=[{captions[0]}]",
+            "+callbacks.samples.every_n_steps=400",
+            "+callbacks.samples.steps=5",
+        )
+    )
     pipeline = StableDiffusionPipeline.from_pretrained(f"{tmp_path}/run/pipeline")  # offline, from the folder alone
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     with torch.no_grad():
         target = pipeline.vae.decode(pipeline.vae.encode(pixels).latent_dist.mode()).sample.clamp(-1, 1)
-        drawn = pipeline(captions, num_inference_steps=50, guidance_scale=5.0, output_type="pt",
-                         generator=[torch.Generator().manual_seed(i) for i in range(4)]).images * 2 - 1
+        drawn = (
+            pipeline(
+                captions,
+                num_inference_steps=50,
+                guidance_scale=5.0,
+                output_type="pt",
+                generator=[torch.Generator().manual_seed(i) for i in range(4)],
+            ).images
+            * 2
+            - 1
+        )
     assert drawn.shape == (4, 3, 32, 32)  # the configured image size
     errors = (drawn[:, None] - target[None]).pow(2).flatten(2).mean(2)  # (caption, image)
     own = 10 * torch.log10(4 / errors.diag())
-    print("sample-to-image MSE (rows: captions)\n", errors.numpy().round(4), "\nPSNR to its own image", own.numpy().round(2))
+    print(
+        "sample-to-image MSE (rows: captions)\n",
+        errors.numpy().round(4),
+        "\nPSNR to its own image",
+        own.numpy().round(2),
+    )
     # Measured: every caption draws its own image (PSNR 20–41 dB); the others are ≥ 0.12 MSE away (≤ 15 dB).
     assert errors.argmin(1).tolist() == [0, 1, 2, 3]
     assert float(own.min()) >= 17.0
@@ -99,11 +140,28 @@ def test_cached_latents_give_the_same_loss_as_encoding_on_the_fly(four, tiny_cli
     from training.diffusion.recipe import ldm_recipe
 
     cache = f"{tmp_path}/cache"
-    manifest = encode(stage_config("encode", f"input={four['shards']}", f"output={cache}", f"vae={four['vae']}",
-                                   f"clip={tiny_clip}", "progress=false", "ray.num_cpus=1"))
+    manifest = encode(
+        stage_config(
+            "encode",
+            f"input={four['shards']}",
+            f"output={cache}",
+            f"vae={four['vae']}",
+            f"clip={tiny_clip}",
+            "progress=false",
+            "ray.num_cpus=1",
+        )
+    )
     assert manifest["counts"] == {"samples": 4, "errors": 0, "shards": 1}
-    cfg = stage_config("train", "task=ldm", f"data.path={four['shards']}", f"vae={four['vae']}", f"clip={tiny_clip}",
-                       f"output={tmp_path}/run", "data.batch_size=4", *FIXED)
+    cfg = stage_config(
+        "train",
+        "task=ldm",
+        f"data.path={four['shards']}",
+        f"vae={four['vae']}",
+        f"clip={tiny_clip}",
+        f"output={tmp_path}/run",
+        "data.batch_size=4",
+        *FIXED,
+    )
     on_the_fly = ShardDataModule(four["shards"], batch_size=4, num_workers=0, shuffle_buffer=0)
     module = ldm_recipe(cfg, on_the_fly, f"{tmp_path}/run").module
     cached = ShardDataModule(cache, batch_size=4, num_workers=0, shuffle_buffer=0)
@@ -124,12 +182,29 @@ def _command(*overrides: str) -> list[str]:
 
 
 def test_ddp_and_fsdp_runs_finish_and_export(four, tiny_clip, tmp_path):
-    common = [f"data.path={four['shards']}", f"vae={four['vae']}", f"clip={tiny_clip}", "data.batch_size=2",
-              "trainer.max_steps=4", "checkpoint_every=2", "tracking=false", *FIXED]
+    common = [
+        f"data.path={four['shards']}",
+        f"vae={four['vae']}",
+        f"clip={tiny_clip}",
+        "data.batch_size=2",
+        "trainer.max_steps=4",
+        "checkpoint_every=2",
+        "tracking=false",
+        *FIXED,
+    ]
     for strategy in ("ddp", "fsdp"):
-        result = subprocess.run(_command(*common, f"trainer={strategy}", f"output={tmp_path}/{strategy}",
-                                         f"hydra.run.dir={tmp_path}/h_{strategy}"),
-                                env=subprocess_env(), capture_output=True, text=True, cwd=ROOT)
+        result = subprocess.run(
+            _command(
+                *common,
+                f"trainer={strategy}",
+                f"output={tmp_path}/{strategy}",
+                f"hydra.run.dir={tmp_path}/h_{strategy}",
+            ),
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         assert "step 4, 2 process(es)" in result.stdout
         assert os.path.exists(f"{tmp_path}/{strategy}/pipeline/unet/diffusion_pytorch_model.safetensors")
@@ -137,9 +212,18 @@ def test_ddp_and_fsdp_runs_finish_and_export(four, tiny_clip, tmp_path):
 
 def test_kill_9_then_the_same_command_resumes_to_the_same_final_step(four, tiny_clip, tmp_path):
     shards = write_world_shards(tmp_path / "shards", 32, 8, image_size=32)
-    command = _command(f"data.path={shards}", f"vae={four['vae']}", f"clip={tiny_clip}", f"output={tmp_path}/run",
-                       "data.batch_size=4", "data.num_workers=2", "trainer.max_steps=250", "checkpoint_every=10",
-                       "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}/hydra")
+    command = _command(
+        f"data.path={shards}",
+        f"vae={four['vae']}",
+        f"clip={tiny_clip}",
+        f"output={tmp_path}/run",
+        "data.batch_size=4",
+        "data.num_workers=2",
+        "trainer.max_steps=250",
+        "checkpoint_every=10",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={tmp_path}/hydra",
+    )
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     kill_then_resume(command, last, kill_at=20, final_step=250, env=subprocess_env(uri))
@@ -149,12 +233,25 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_final_step(four, tiny_
 
 
 def test_bad_input_is_one_line_and_exit_2(four, tiny_clip, tmp_path):
-    cases = ((["vae=/no/such/vae", f"clip={tiny_clip}"], "vae=/no/such/vae"),
-             ([f"vae={four['vae']}", "clip=/no/such/clip"], "clip=/no/such/clip"),
-             ([f"vae={four['vae']}", f"clip={tiny_clip}", "image_size=30"], "image_size=30"))
+    cases = (
+        (["vae=/no/such/vae", f"clip={tiny_clip}"], "vae=/no/such/vae"),
+        ([f"vae={four['vae']}", "clip=/no/such/clip"], "clip=/no/such/clip"),
+        ([f"vae={four['vae']}", f"clip={tiny_clip}", "image_size=30"], "image_size=30"),
+    )
     for args, needle in cases:
-        result = subprocess.run(_command(f"data.path={four['shards']}", *args, f"output={tmp_path}/bad", "tracking=false",
-                                         f"hydra.run.dir={tmp_path}/h"), env=subprocess_env(), cwd=ROOT, capture_output=True, text=True)
+        result = subprocess.run(
+            _command(
+                f"data.path={four['shards']}",
+                *args,
+                f"output={tmp_path}/bad",
+                "tracking=false",
+                f"hydra.run.dir={tmp_path}/h",
+            ),
+            env=subprocess_env(),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode == 2, result.stderr[-2000:]
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and needle in errors[0], result.stderr[-2000:]

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from support import mlflow_server, stage_config
 from pipeline.filter.run import filter_samples
+from support import mlflow_server, stage_config
 
 
 @pytest.mark.slow
@@ -22,11 +22,28 @@ def test_multirun_sweep_annotates_once_and_nests_runs(world_lists, tiny_clip, tm
     urls, _ = world_lists
     out = tmp_path / "out"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    command = [sys.executable, "-m", "pipeline.run", "-m", f"input={urls}", f"output={out}", f"clip={tiny_clip}",
-               "filter=clip_score", "filter.clip_score.min=-0.1,0.0,0.05", "crawl.allow_networks=[127.0.0.1/32]",
-               "crawl.image_size=64", "crawl.timeout=1", "crawl.retries=1", "crawl.retry_backoff=0.05",
-               "crawl.progress=false", "annotate.progress=false", "shard.progress=false", "shard.samples_per_shard=16",
-               "crawl.ray.num_cpus=2", f"hydra.sweep.dir={tmp_path}/multirun"]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.run",
+        "-m",
+        f"input={urls}",
+        f"output={out}",
+        f"clip={tiny_clip}",
+        "filter=clip_score",
+        "filter.clip_score.min=-0.1,0.0,0.05",
+        "crawl.allow_networks=[127.0.0.1/32]",
+        "crawl.image_size=64",
+        "crawl.timeout=1",
+        "crawl.retries=1",
+        "crawl.retry_backoff=0.05",
+        "crawl.progress=false",
+        "annotate.progress=false",
+        "shard.progress=false",
+        "shard.samples_per_shard=16",
+        "crawl.ray.num_cpus=2",
+        f"hydra.sweep.dir={tmp_path}/multirun",
+    ]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     log = done.stdout + done.stderr
@@ -37,7 +54,10 @@ def test_multirun_sweep_annotates_once_and_nests_runs(world_lists, tiny_clip, tm
     samples = sorted(json.load(open(f"{s}/manifest.json"))["counts"]["samples"] for s in shard_sets)
     assert samples[0] < samples[1] < samples[2]  # a higher threshold keeps fewer
     for folder in shard_sets:
-        assert sum(json.load(open(f"{folder}/sizes.json")).values()) == json.load(open(f"{folder}/manifest.json"))["counts"]["samples"]
+        assert (
+            sum(json.load(open(f"{folder}/sizes.json")).values())
+            == json.load(open(f"{folder}/manifest.json"))["counts"]["samples"]
+        )
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["pixelmill"])
     parents = runs[runs["tags.mlflow.parentRunId"].isna()]
@@ -63,14 +83,31 @@ def test_threshold_sweep_trains_and_evaluates_a_model_per_value(world_lists, tin
     urls, _ = world_lists
     export_eval_set(stage_config("eval_set", "attribute=colour", f"output={tmp_path / 'colour'}", "n=30"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    command = [sys.executable, "-m", "pipeline.run", "-m", f"input={urls}", f"output={tmp_path / 'out'}",
-               f"clip={tiny_clip}", "filter=clip_score", "filter.clip_score.min=null",
-               "filter.clip_score.top_fraction=0.5,0.9", "+sweep_model=clip_zeroshot",
-               f"+sweep_model.datasets.colour={tmp_path / 'colour'}",
-               "sweep_model.overrides=[data.batch_size=16,trainer.max_steps=6,data.num_workers=0]",
-               "crawl.allow_networks=[127.0.0.1/32]", "crawl.image_size=64", "crawl.timeout=1", "crawl.retries=1",
-               "crawl.retry_backoff=0.05", "crawl.progress=false", "annotate.progress=false", "shard.progress=false",
-               "crawl.ray.num_cpus=2", f"hydra.sweep.dir={tmp_path}/multirun"]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.run",
+        "-m",
+        f"input={urls}",
+        f"output={tmp_path / 'out'}",
+        f"clip={tiny_clip}",
+        "filter=clip_score",
+        "filter.clip_score.min=null",
+        "filter.clip_score.top_fraction=0.5,0.9",
+        "+sweep_model=clip_zeroshot",
+        f"+sweep_model.datasets.colour={tmp_path / 'colour'}",
+        "sweep_model.overrides=[data.batch_size=16,trainer.max_steps=6,data.num_workers=0]",
+        "crawl.allow_networks=[127.0.0.1/32]",
+        "crawl.image_size=64",
+        "crawl.timeout=1",
+        "crawl.retries=1",
+        "crawl.retry_backoff=0.05",
+        "crawl.progress=false",
+        "annotate.progress=false",
+        "shard.progress=false",
+        "crawl.ray.num_cpus=2",
+        f"hydra.sweep.dir={tmp_path}/multirun",
+    ]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(glob.glob(f"{tmp_path}/out/models/*/clip/config.json")) == 2  # a model per threshold
@@ -96,5 +133,7 @@ def test_filter_logs_to_a_real_mlflow_server(annotated, tmp_path, monkeypatch):
         runs = mlflow.search_runs(experiment_names=["pixelmill"])
         assert len(runs) == 1 and runs["metrics.filter.kept"].iloc[0] == manifest["counts"]["kept"]
         assert runs["tags.data.meta_hash"].iloc[0] == manifest["input_content_hash"]
-        png = mlflow.artifacts.download_artifacts(run_id=runs["run_id"].iloc[0], artifact_path="filter/funnel.png", dst_path=str(tmp_path / "dl"))
+        png = mlflow.artifacts.download_artifacts(
+            run_id=runs["run_id"].iloc[0], artifact_path="filter/funnel.png", dst_path=str(tmp_path / "dl")
+        )
         assert open(png, "rb").read(4) == b"\x89PNG"

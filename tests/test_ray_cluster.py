@@ -18,6 +18,7 @@ import urllib.request
 import pytest
 
 from support import kill_session, subprocess_env
+
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 
@@ -37,13 +38,36 @@ def ray_head(tmp_path_factory):
     env = {**subprocess_env(f"sqlite:///{folder}/mlflow.db"), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     dashboard = free_port()
     # Every port its own: the session's local Ray (other tests) holds Ray's default agent ports.
-    ports = [f"--{name}={free_port()}" for name in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                     "runtime-env-agent-port", "metrics-export-port")]
-    head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", *ports,
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-                             f"--temp-dir={temp}", "--disable-usage-stats"],
-                            env=env, cwd=folder, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    ports = [
+        f"--{name}={free_port()}"
+        for name in (
+            "port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+        )
+    ]
+    head = subprocess.Popen(
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            *ports,
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=2",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        cwd=folder,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.time() + 120
@@ -59,7 +83,9 @@ def ray_head(tmp_path_factory):
 def jobs_api_status(address: str, token: str | None) -> int:
     """HTTP status of the Jobs API's job list for a request carrying `token` (none: no header); 0 while the
     dashboard does not listen yet."""
-    request = urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"} if token else {})
+    request = urllib.request.Request(
+        f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"} if token else {}
+    )
     try:
         return urllib.request.urlopen(request, timeout=30).status
     except urllib.error.HTTPError as error:
@@ -76,8 +102,13 @@ def run_job(ray_head, entrypoint: list[str], timeout_s: float = 300) -> str:
     deadline = time.time() + 60
     while True:  # a fresh head answers before its job agent is up, and says to try again
         job = f"job-{secrets.token_hex(4)}"
-        submitted = subprocess.run([RAY, "job", "submit", "--submission-id", job, "--", *entrypoint], env=env,
-                                   capture_output=True, text=True, timeout=timeout_s)
+        submitted = subprocess.run(
+            [RAY, "job", "submit", "--submission-id", job, "--", *entrypoint],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
         logs = submitted.stdout + submitted.stderr
         if "No available agent to submit job" not in logs or time.time() > deadline:
             break
@@ -98,15 +129,46 @@ def cluster_jobs(ray_head, world_lists):
     """A pipeline job (crawl → annotate → filter → shard), then a CLIP training job on 2 Ray Train workers."""
     urls, _ = world_lists
     out, hydra, run = ray_head["folder"] / "data", ray_head["folder"] / "hydra", ray_head["folder"] / "clip"
-    pipeline_logs = run_job(ray_head, [
-        sys.executable, "-m", "pipeline.run", f"input={urls}", f"output={out}", "crawl.allow_networks=[127.0.0.1/32]",
-        "crawl.image_size=64", "crawl.timeout=1", "crawl.retries=1", "crawl.retry_backoff=0.05", "crawl.progress=false",
-        "annotate.progress=false", "shard.progress=false", "shard.samples_per_shard=32", f"hydra.run.dir={hydra}/p"])
+    pipeline_logs = run_job(
+        ray_head,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.run",
+            f"input={urls}",
+            f"output={out}",
+            "crawl.allow_networks=[127.0.0.1/32]",
+            "crawl.image_size=64",
+            "crawl.timeout=1",
+            "crawl.retries=1",
+            "crawl.retry_backoff=0.05",
+            "crawl.progress=false",
+            "annotate.progress=false",
+            "shard.progress=false",
+            "shard.samples_per_shard=32",
+            f"hydra.run.dir={hydra}/p",
+        ],
+    )
     (shards,) = list((out / "shards").iterdir())
-    training_logs = run_job(ray_head, [
-        sys.executable, "-m", "training.train", "task=clip", f"data.path={shards}", f"output={run}", "launcher=ray",
-        "launcher.num_workers=2", "trainer.max_steps=12", "data.batch_size=8", "data.num_workers=0",
-        "checkpoint_every=6", "trainer.enable_progress_bar=false", f"hydra.run.dir={hydra}/t"])
+    training_logs = run_job(
+        ray_head,
+        [
+            sys.executable,
+            "-m",
+            "training.train",
+            "task=clip",
+            f"data.path={shards}",
+            f"output={run}",
+            "launcher=ray",
+            "launcher.num_workers=2",
+            "trainer.max_steps=12",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "checkpoint_every=6",
+            "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={hydra}/t",
+        ],
+    )
     return {"shards": shards, "run": run, "raw": out / "raw", "logs": (pipeline_logs, training_logs)}
 
 
@@ -127,15 +189,21 @@ def test_lineage_from_an_evaluation_back_to_the_crawl(ray_head, cluster_jobs, tm
     artifacts), each equal to the file on disk."""
     import mlflow
 
-    from support import eval_config, stage_config
     from evaluation.run import evaluate
     from pipeline.eval_set.export import export_eval_set
+    from support import eval_config, stage_config
 
     uri = ray_head["env"]["MLFLOW_TRACKING_URI"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     export_eval_set(stage_config("eval_set", "attribute=colour", f"output={tmp_path / 'colour'}", "n=30"))
-    evaluate(eval_config(f"clip={cluster_jobs['run'] / 'clip'}", f"dataset={tmp_path / 'colour'}",
-                         f"output={tmp_path / 'result.json'}", "progress=false"))
+    evaluate(
+        eval_config(
+            f"clip={cluster_jobs['run'] / 'clip'}",
+            f"dataset={tmp_path / 'colour'}",
+            f"output={tmp_path / 'result.json'}",
+            "progress=false",
+        )
+    )
     client = mlflow.MlflowClient(uri)
     (evaluation,) = client.search_runs([client.get_experiment_by_name("pixelmill-zeroshot").experiment_id])
     model_run = client.get_run(evaluation.data.tags["pixelmill.model_run_id"])
@@ -156,12 +224,15 @@ def test_lineage_from_an_evaluation_back_to_the_crawl(ray_head, cluster_jobs, tm
 
 
 def test_ray_launcher_refuses_what_it_cannot_run(tmp_path):
-    from support import stage_config
-    from training.errors import UserError
     from hydra.utils import instantiate
 
+    from support import stage_config
+    from training.errors import UserError
+
     base = ["launcher=ray", f"data.path={tmp_path}", f"output={tmp_path / 'run'}"]
-    with pytest.raises(UserError, match="launcher=ray runs data-parallel .DDP. workers; trainer.strategy=.*ModelParallel"):
+    with pytest.raises(
+        UserError, match="launcher=ray runs data-parallel .DDP. workers; trainer.strategy=.*ModelParallel"
+    ):
         cfg = stage_config("train", *base, "trainer=fsdp")
         instantiate(cfg.launcher)(cfg)
     with pytest.raises(UserError, match="launcher.num_workers=0; expected at least 1"):

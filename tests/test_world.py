@@ -15,6 +15,8 @@ from PIL import Image
 from pipeline.world import World
 from pipeline.world.world import BOMB_SIDE, EXPECTED
 from support import world_config
+
+
 def test_same_config_same_rows_and_bytes():
     a, b = World(world_config()), World(world_config())
     assert a.rows == b.rows

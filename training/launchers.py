@@ -57,16 +57,17 @@ class RayLauncher:
         self.num_workers, self.use_gpu, self.cpus_per_worker = int(num_workers), bool(use_gpu), float(cpus_per_worker)
 
     def __call__(self, cfg: DictConfig) -> float:
+        import ray
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
-
-        import ray
 
         strategy = cfg.trainer.get("strategy")
         if strategy not in (None, "auto", "ddp"):
             name = strategy.get("_target_") if hasattr(strategy, "get") else strategy
-            raise UserError(f"launcher=ray runs data-parallel (DDP) workers; trainer.strategy={name} is not supported "
-                            f"under it (use trainer=cpu or trainer=gpu as the base)")
+            raise UserError(
+                f"launcher=ray runs data-parallel (DDP) workers; trainer.strategy={name} is not supported "
+                f"under it (use trainer=cpu or trainer=gpu as the base)"
+            )
         workers = self.num_workers
         if workers < 1:
             raise UserError(f"launcher.num_workers={workers}; expected at least 1")
@@ -78,10 +79,10 @@ class RayLauncher:
         trainer = TorchTrainer(
             _train_worker,
             train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True)},
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=self.use_gpu,
-                                         resources_per_worker=resources),
-            run_config=RunConfig(name=f"{cfg.task_name}-{os.path.basename(output)}",
-                                 storage_path=os.path.join(output, "ray_train")),
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=self.use_gpu, resources_per_worker=resources),
+            run_config=RunConfig(
+                name=f"{cfg.task_name}-{os.path.basename(output)}", storage_path=os.path.join(output, "ray_train")
+            ),
         )
         result = trainer.fit()
         metric = (result.metrics or {}).get("metric", math.nan)

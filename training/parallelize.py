@@ -18,8 +18,15 @@ def transformer_blocks(model: nn.Module, block_names: list[str]) -> list[nn.Modu
     return [m for m in model.modules() if type(m).__name__ in block_names]
 
 
-def parallelize(model: nn.Module, block_names: list[str], *, checkpointing: bool = False, compile: bool = False,
-                mesh=None, param_dtype: torch.dtype | None = None) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    block_names: list[str],
+    *,
+    checkpointing: bool = False,
+    compile: bool = False,
+    mesh=None,
+    param_dtype: torch.dtype | None = None,
+) -> nn.Module:
     blocks = transformer_blocks(model, block_names)
     if checkpointing:
         # The libraries' own switches: each block recomputes its forward in backward.
@@ -33,7 +40,11 @@ def parallelize(model: nn.Module, block_names: list[str], *, checkpointing: bool
     if mesh is not None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+        policy = (
+            MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+            if param_dtype
+            else MixedPrecisionPolicy()
+        )
         for block in blocks:
             fully_shard(block, mesh=mesh, mp_policy=policy)
         # The root stays unsharded after forward: backward needs its parameters (projections, embeddings)

@@ -28,7 +28,9 @@ class TaskModule(pl.LightningModule):
     def __init__(self):
         super().__init__()
         self.start_step = 0  # after a resume: the step where this process took over (for samples/s)
-        self.flops_per_batch: float | None = None  # set by whoever measured it; Lightning's ThroughputMonitor reports MFU
+        self.flops_per_batch: float | None = (
+            None  # set by whoever measured it; Lightning's ThroughputMonitor reports MFU
+        )
 
     def on_train_start(self) -> None:
         self.start_step = self.global_step
@@ -43,10 +45,14 @@ class TaskModule(pl.LightningModule):
         """Lightning's optimizer config: linear warmup, then cosine down to `min_lr_ratio` × lr (1: constant)."""
         total = int(self.trainer.estimated_stepping_batches)
         warmup = min(int(warmup_steps), max(total - 1, 0))
-        schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total, min_lr_rate=float(min_lr_ratio))
+        schedule = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, warmup, total, min_lr_rate=float(min_lr_ratio)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def clip_gradients_logged(self, parameters: Iterable[torch.Tensor], max_norm: float | None, name: str = "train/grad_norm") -> None:
+    def clip_gradients_logged(
+        self, parameters: Iterable[torch.Tensor], max_norm: float | None, name: str = "train/grad_norm"
+    ) -> None:
         if max_norm:
             norm = torch.nn.utils.clip_grad_norm_(parameters, float(max_norm))
             self.log(name, norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP

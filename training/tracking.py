@@ -50,7 +50,9 @@ def sweep_parent(sweep_id: str, name: str, task: str | None = None) -> str:
     mlflow = setup_mlflow(task)
     client = mlflow.MlflowClient()
     experiment = mlflow.get_experiment_by_name(experiment_name(task))
-    found = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}'", max_results=1)
+    found = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}'", max_results=1
+    )
     if found:
         return found[0].info.run_id
     run = client.create_run(experiment.experiment_id, run_name=name, tags={SWEEP_TAG: sweep_id})
@@ -75,13 +77,20 @@ def sweep_parent_run(task: str | None = None) -> str | None:
 
 
 @contextmanager
-def mlflow_run(name: str, config: dict | None = None, tags: dict | None = None, parent_run_id: str | None = None,
-               task: str | None = None):
+def mlflow_run(
+    name: str,
+    config: dict | None = None,
+    tags: dict | None = None,
+    parent_run_id: str | None = None,
+    task: str | None = None,
+):
     """A run logging the resolved config (as params and as `config.json`); nested under the active run if
     there is one, or under `parent_run_id`."""
     mlflow = setup_mlflow(task)
     nested = mlflow.active_run() is not None
-    with mlflow.start_run(run_name=name, nested=nested, parent_run_id=None if nested else parent_run_id, tags=tags) as run:
+    with mlflow.start_run(
+        run_name=name, nested=nested, parent_run_id=None if nested else parent_run_id, tags=tags
+    ) as run:
         if config is not None:
             mlflow.log_params(flatten(config))
             mlflow.log_dict(config, "config.json")

@@ -42,9 +42,13 @@ def mlflow_logger(cfg: DictConfig, output: str):
         parent = sweep_parent_run(cfg.task_name)
         if parent:
             tags["mlflow.parentRunId"] = parent
-    logger = MLFlowLogger(experiment_name=experiment_name(cfg.task_name),
-                          run_name=f"{cfg.task_name} {os.path.basename(os.path.abspath(output))}",
-                          tracking_uri=tracking_uri(), tags=tags, run_id=previous)
+    logger = MLFlowLogger(
+        experiment_name=experiment_name(cfg.task_name),
+        run_name=f"{cfg.task_name} {os.path.basename(os.path.abspath(output))}",
+        tracking_uri=tracking_uri(),
+        tags=tags,
+        run_id=previous,
+    )
     if rank_zero_only.rank == 0:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         if previous is None:
@@ -69,11 +73,16 @@ def train(cfg: DictConfig, prepare=None) -> float:
     recipe = instantiate(cfg.recipe)(cfg, datamodule, output)  # the task's own: training/<family>/recipe.py
     module = recipe.module
     callbacks = [
-        ModelCheckpoint(dirpath=os.path.join(output, "checkpoints"), every_n_train_steps=int(cfg.checkpoint_every),
-                        save_last=True, save_top_k=0),
+        ModelCheckpoint(
+            dirpath=os.path.join(output, "checkpoints"),
+            every_n_train_steps=int(cfg.checkpoint_every),
+            save_last=True,
+            save_top_k=0,
+        ),
         *recipe.callbacks,
-        ThroughputMonitor(batch_size_fn=lambda batch: len(batch["keys"]), window_size=int(cfg.throughput_window),
-                          separator="/"),
+        ThroughputMonitor(
+            batch_size_fn=lambda batch: len(batch["keys"]), window_size=int(cfg.throughput_window), separator="/"
+        ),
         *(instantiate(c) for c in (cfg.get("callbacks") or {}).values()),  # e.g. zero-shot eval (evaluation/)
     ]
     logger = mlflow_logger(cfg, output) if cfg.tracking else False
@@ -91,8 +100,10 @@ def train(cfg: DictConfig, prepare=None) -> float:
     if trainer.is_global_zero:
         steps = trainer.global_step - module.start_step
         samples = steps * datamodule.batch_size * trainer.world_size * trainer.accumulate_grad_batches
-        print(f"\ntrained {cfg.task_name}: step {trainer.global_step}{' (resumed)' if resume else ''}, "
-              f"{trainer.world_size} process(es), {seconds:.1f} s")
+        print(
+            f"\ntrained {cfg.task_name}: step {trainer.global_step}{' (resumed)' if resume else ''}, "
+            f"{trainer.world_size} process(es), {seconds:.1f} s"
+        )
         for name in recipe.summary:
             if name in metrics:
                 print(f"  {name:<24} {metrics[name]:.4f}")

@@ -18,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from evaluation.t2i.report import write_report
 from evaluation.t2i.generate import draw, load_pipeline
-from evaluation.t2i.prompt_suites import Prompt, load_prompts, world_vocabulary
 from evaluation.t2i.metrics import bootstrap_mean, clip_scores, pairwise_outcomes
+from evaluation.t2i.prompt_suites import Prompt, load_prompts, world_vocabulary
+from evaluation.t2i.report import write_report
 from evaluation.t2i.world_checks import CHECKS, ObjectFinder, judge
 from evaluation.zeroshot.benchmark import ClipEncoder
 from training.clip.model import load_clip, require_clip_folder
@@ -44,8 +44,10 @@ def judge_folder(model: str, judge_path: str | None) -> str:
         return judge_path
     lineage = os.path.join(os.path.dirname(os.path.abspath(model)), "lineage.json")
     if not os.path.isfile(lineage):
-        raise UserError(f"judge=<CLIP folder> is needed: model={model} has no lineage.json beside it naming "
-                        f"the CLIP it was trained with")
+        raise UserError(
+            f"judge=<CLIP folder> is needed: model={model} has no lineage.json beside it naming "
+            f"the CLIP it was trained with"
+        )
     clip = json.load(open(lineage))["clip"]
     require_clip_folder(clip, "judge (from lineage.json)")
     return clip
@@ -64,8 +66,9 @@ def image_file(text: str, seed: int) -> str:
     return f"{hashlib.sha1(text.encode()).hexdigest()[:12]}_{seed}.png"
 
 
-def generate_images(model: str, prompts: list[Prompt], folder: str, generation: dict, batch_size: int,
-                    device: str | None) -> int:
+def generate_images(
+    model: str, prompts: list[Prompt], folder: str, generation: dict, batch_size: int, device: str | None
+) -> int:
     """Draw the images of `folder` that are missing; returns how many were drawn. Each image has its own
     generator, so an image is the same whatever batch it falls in."""
     os.makedirs(folder, exist_ok=True)
@@ -78,13 +81,22 @@ def generate_images(model: str, prompts: list[Prompt], folder: str, generation: 
     limit = pipeline.tokenizer.model_max_length
     truncated = sum(len(pipeline.tokenizer(t, verbose=False).input_ids) > limit for t in texts)
     if truncated:  # said once here; the pipeline's own warning per batch is silenced in `draw`
-        print(f"{truncated} of {len(texts)} prompts are longer than the text encoder's {limit} tokens: "
-              f"the model sees them truncated")
+        print(
+            f"{truncated} of {len(texts)} prompts are longer than the text encoder's {limit} tokens: "
+            f"the model sees them truncated"
+        )
     for start in tqdm(range(0, len(missing), batch_size), desc=f"generate {os.path.basename(folder)}", unit="batch"):
-        chunk = missing[start:start + batch_size]
-        images = draw(pipeline, [t for t, _ in chunk], [s for _, s in chunk], generation["steps"],
-                      generation["guidance_scale"], generation.get("negative_prompt"), generation.get("height"),
-                      generation.get("width"))
+        chunk = missing[start : start + batch_size]
+        images = draw(
+            pipeline,
+            [t for t, _ in chunk],
+            [s for _, s in chunk],
+            generation["steps"],
+            generation["guidance_scale"],
+            generation.get("negative_prompt"),
+            generation.get("height"),
+            generation.get("width"),
+        )
         for (text, seed), image in zip(chunk, images):
             path = os.path.join(folder, image_file(text, seed))
             image.save(path + ".tmp.png")
@@ -94,18 +106,27 @@ def generate_images(model: str, prompts: list[Prompt], folder: str, generation: 
     return len(missing)
 
 
-def score_images(prompts: list[Prompt], seeds: list[int], folder: str, encoder: ClipEncoder,
-                 finder: ObjectFinder | None, batch_size: int) -> list[dict]:
+def score_images(
+    prompts: list[Prompt],
+    seeds: list[int],
+    folder: str,
+    encoder: ClipEncoder,
+    finder: ObjectFinder | None,
+    batch_size: int,
+) -> list[dict]:
     """One row per (prompt, seed): the image's path, its CLIPScore and, with truth, the checks."""
-    rows = [{"prompt": p.text, "category": p.category, "seed": s, "image": os.path.join(folder, image_file(p.text, s))}
-            for p in prompts for s in seeds]
+    rows = [
+        {"prompt": p.text, "category": p.category, "seed": s, "image": os.path.join(folder, image_file(p.text, s))}
+        for p in prompts
+        for s in seeds
+    ]
     truths = [p.truth for p in prompts for _ in seeds]
     for start in tqdm(range(0, len(rows), batch_size), desc=f"score {os.path.basename(folder)}", unit="batch"):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         images = [Image.open(r["image"]).convert("RGB") for r in chunk]
         for row, value in zip(chunk, clip_scores(encoder, images, [r["prompt"] for r in chunk], batch_size)):
             row["clip_score"] = float(value)
-        for row, image, truth in zip(chunk, images, truths[start:start + batch_size]):
+        for row, image, truth in zip(chunk, images, truths[start : start + batch_size]):
             if finder is not None and truth is not None:
                 row.update(judge(truth, finder(image)))
     return rows
@@ -161,8 +182,9 @@ def evaluate_drawbench(cfg: DictConfig) -> dict:
     if baseline:
         require_pipeline(baseline, "baseline")
     judge_path = judge_folder(model, cfg.judge)
-    suite, prompts = load_prompts(str(cfg.prompts), int(cfg.world_suite.per_category), int(cfg.world_suite.seed),
-                                  cfg.world_suite.world)
+    suite, prompts = load_prompts(
+        str(cfg.prompts), int(cfg.world_suite.per_category), int(cfg.world_suite.seed), cfg.world_suite.world
+    )
     generation = OmegaConf.to_container(cfg.generation, resolve=True)
     if int(generation["n"]) < 1:
         raise UserError(f"generation.n={generation['n']}; expected at least one image per prompt")
@@ -174,17 +196,32 @@ def evaluate_drawbench(cfg: DictConfig) -> dict:
     folders = {"model": image_folder(output, model, generation)}
     if baseline:
         folders["baseline"] = image_folder(output, baseline, generation)
-    drawn = {role: generate_images(path, prompts, folders[role], generation, batch_size, device)
-             for role, path in (("model", model), ("baseline", baseline)) if path}
+    drawn = {
+        role: generate_images(path, prompts, folders[role], generation, batch_size, device)
+        for role, path in (("model", model), ("baseline", baseline))
+        if path
+    }
 
     encoder = ClipEncoder.from_bundle(load_clip(judge_path), device)
     has_truth = any(p.truth for p in prompts)
     finder = ObjectFinder(world_vocabulary(cfg.world_suite.world)["colours"], **cfg.checker) if has_truth else None
     rows = score_images(prompts, seeds, folders["model"], encoder, finder, int(cfg.batch_size))
-    baseline_rows = score_images(prompts, seeds, folders["baseline"], encoder, finder, int(cfg.batch_size)) if baseline else None
+    baseline_rows = (
+        score_images(prompts, seeds, folders["baseline"], encoder, finder, int(cfg.batch_size)) if baseline else None
+    )
     summary = summarise(rows, baseline_rows, int(cfg.report.bootstrap), float(cfg.report.confidence))
-    record = {"dataset": suite, "model": model, "baseline": baseline, "judge": judge_path, "task": "drawbench",
-              "generation": generation, "samples": len(rows), "generated": drawn,
-              "metrics": flat_metrics(summary), "categories": summary, "rows": rows}
+    record = {
+        "dataset": suite,
+        "model": model,
+        "baseline": baseline,
+        "judge": judge_path,
+        "task": "drawbench",
+        "generation": generation,
+        "samples": len(rows),
+        "generated": drawn,
+        "metrics": flat_metrics(summary),
+        "categories": summary,
+        "rows": rows,
+    }
     write_report(record, output, OmegaConf.to_container(cfg, resolve=True), cfg.report, bool(cfg.tracking))
     return record

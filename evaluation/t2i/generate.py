@@ -36,15 +36,29 @@ def load_pipeline(path: str, sampler: str | None = None, device: str | None = No
 
 
 @torch.no_grad()
-def draw(pipeline, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float, negative_prompt=None,
-         height=None, width=None):
+def draw(
+    pipeline,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int,
+    guidance_scale: float,
+    negative_prompt=None,
+    height=None,
+    width=None,
+):
     """One image per (prompt, seed), each from its own generator: independent of how they are batched."""
     generators = [torch.Generator(pipeline.device).manual_seed(int(s)) for s in seeds]
     # The pipeline warns, prompt by prompt, about text past the encoder's context; callers report it once.
     logging.getLogger(type(pipeline).__module__).setLevel(logging.ERROR)
-    return pipeline(prompts, num_inference_steps=int(steps), guidance_scale=float(guidance_scale), generator=generators,
-                    negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
-                    height=height, width=width).images
+    return pipeline(
+        prompts,
+        num_inference_steps=int(steps),
+        guidance_scale=float(guidance_scale),
+        generator=generators,
+        negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+        height=height,
+        width=width,
+    ).images
 
 
 def generate(cfg: DictConfig) -> list[str]:
@@ -58,17 +72,35 @@ def generate(cfg: DictConfig) -> list[str]:
     os.makedirs(cfg.output, exist_ok=True)
     paths, images = [], []
     for start in tqdm(range(0, len(jobs), int(cfg.batch_size)), desc="generate", unit="batch"):
-        chunk = jobs[start:start + int(cfg.batch_size)]
-        drawn = draw(pipeline, [prompts[p] for p, _ in chunk], [int(cfg.seed) + i for _, i in chunk], cfg.steps,
-                     cfg.guidance_scale, cfg.negative_prompt, cfg.height, cfg.width)
+        chunk = jobs[start : start + int(cfg.batch_size)]
+        drawn = draw(
+            pipeline,
+            [prompts[p] for p, _ in chunk],
+            [int(cfg.seed) + i for _, i in chunk],
+            cfg.steps,
+            cfg.guidance_scale,
+            cfg.negative_prompt,
+            cfg.height,
+            cfg.width,
+        )
         for (p, i), image in zip(chunk, drawn):
             paths.append(os.path.join(cfg.output, f"{p:03d}_{i:02d}.png"))
             image.save(paths[-1])
             images.append(image)
     image_grid(images, columns=int(cfg.n)).save(os.path.join(cfg.output, "grid.png"))
     with open(os.path.join(cfg.output, "prompts.json"), "w") as f:
-        json.dump({"model": str(cfg.pipeline), "prompts": prompts, "seed": int(cfg.seed), "steps": int(cfg.steps),
-                   "guidance_scale": float(cfg.guidance_scale), "images": paths}, f, indent=2)
+        json.dump(
+            {
+                "model": str(cfg.pipeline),
+                "prompts": prompts,
+                "seed": int(cfg.seed),
+                "steps": int(cfg.steps),
+                "guidance_scale": float(cfg.guidance_scale),
+                "images": paths,
+            },
+            f,
+            indent=2,
+        )
     print(f"generated {len(paths)} images ({len(prompts)} prompts × {cfg.n}) → {cfg.output}/ (grid.png)")
     return paths
 

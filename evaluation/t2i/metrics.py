@@ -16,8 +16,8 @@ def clip_scores(encoder, images: list[Image.Image], texts: list[str], batch_size
     transform = encoder.transform()
     scores = []
     for start in range(0, len(images), batch_size):
-        pixels = torch.stack([transform(image) for image in images[start:start + batch_size]])
-        cosine = (encoder.images(pixels) * encoder.texts(texts[start:start + batch_size])).sum(-1)  # (B,)
+        pixels = torch.stack([transform(image) for image in images[start : start + batch_size]])
+        cosine = (encoder.images(pixels) * encoder.texts(texts[start : start + batch_size])).sum(-1)  # (B,)
         scores.append(CLIPSCORE_WEIGHT * cosine.clamp(min=0))
     return torch.cat(scores).numpy() if scores else np.zeros(0)
 
@@ -31,8 +31,11 @@ def bootstrap_mean(values, resamples: int = 1000, confidence: float = 0.95, seed
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, values.size, (int(resamples), values.size))].mean(1)
     tail = (1 - confidence) / 2
-    return {"mean": float(values.mean()), "low": float(np.quantile(means, tail)),
-            "high": float(np.quantile(means, 1 - tail))}
+    return {
+        "mean": float(values.mean()),
+        "low": float(np.quantile(means, tail)),
+        "high": float(np.quantile(means, 1 - tail)),
+    }
 
 
 def pairwise_outcomes(model, baseline, tie: float = 1e-6) -> np.ndarray:

@@ -15,8 +15,19 @@ from omegaconf import OmegaConf
 
 from training.errors import UserError
 
-DRAWBENCH_CATEGORIES = ("Colors", "Conflicting", "Counting", "DALL-E", "Descriptions", "Gary Marcus et al.",
-                        "Misspellings", "Positional", "Rare Words", "Reddit", "Text")
+DRAWBENCH_CATEGORIES = (
+    "Colors",
+    "Conflicting",
+    "Counting",
+    "DALL-E",
+    "Descriptions",
+    "Gary Marcus et al.",
+    "Misspellings",
+    "Positional",
+    "Rare Words",
+    "Reddit",
+    "Text",
+)
 DEFAULT_DRAWBENCH_CSV = "data/drawbench.csv"  # where `python -m evaluation.t2i.download_drawbench` puts it
 WORLD_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "world" / "default.yaml"
 PROMPT_HEADERS = ("prompt", "prompts")
@@ -25,8 +36,13 @@ CATEGORY_HEADERS = ("category", "categories")
 # The world's caption words. Evaluation reads no pipeline code (DESIGN.md, "Who imports whom"), so the few
 # phrases a prompt needs are spelt here as the world's captions spell them.
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
-WHERE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
-         "center": "in the middle"}
+WHERE = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the middle",
+}
 RELATIONS = {"left_of": "to the left of", "right_of": "to the right of", "above": "above", "below": "below"}
 WORLD_CATEGORIES = ("Colors", "Counting", "Positional", "Conflicting", "Descriptions")
 
@@ -42,8 +58,9 @@ def read_prompt_csv(path: str) -> list[Prompt]:
     """Prompts from a CSV with a `Prompt`/`Prompts`/`prompt` column and a `Category` column (any case; other
     columns ignored; blank rows skipped)."""
     if not os.path.isfile(path):
-        raise UserError(f"prompts={path}: no such file (expected a CSV with prompt and category columns, "
-                        f"'world', or 'drawbench')")
+        raise UserError(
+            f"prompts={path}: no such file (expected a CSV with prompt and category columns, 'world', or 'drawbench')"
+        )
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = {name.strip().lower(): name for name in reader.fieldnames or []}
@@ -91,33 +108,70 @@ def world_prompt(category: str, vocab: dict, rng: random.Random) -> Prompt:
     model must bind each colour to its place without having seen the combination."""
     shape, colour = rng.choice(vocab["shapes"]), rng.choice(list(vocab["colours"]))
     if category == "Colors":
-        return Prompt(_a(f"{colour} {shape}"), category,
-                      {"kind": "group", "shape": shape, "colour": colour, "count": 1, "checks": ["colour"]})
+        return Prompt(
+            _a(f"{colour} {shape}"),
+            category,
+            {"kind": "group", "shape": shape, "colour": colour, "count": 1, "checks": ["colour"]},
+        )
     if category == "Counting":
         count = rng.randint(2, 4)
-        return Prompt(_things(count, colour, shape), category,
-                      {"kind": "group", "shape": shape, "colour": colour, "count": count, "checks": ["count"]})
+        return Prompt(
+            _things(count, colour, shape),
+            category,
+            {"kind": "group", "shape": shape, "colour": colour, "count": count, "checks": ["count"]},
+        )
     if category == "Descriptions":
         count, size = rng.randint(1, 4), rng.choice(list(vocab["sizes"]))
         position, background = rng.choice(vocab["positions"]), rng.choice(vocab["backgrounds"])
-        thing = _a(f"{size} {colour} {shape}") if count == 1 else f"{COUNT_WORDS[count]} {size} {colour} {_plural(shape)}"
-        return Prompt(f"a photo of {thing} {WHERE[position]} on a {background} background", category,
-                      {"kind": "group", "shape": shape, "colour": colour, "count": count, "size": size,
-                       "position": position, "background": background, "checks": ["colour", "count", "position"]})
+        thing = (
+            _a(f"{size} {colour} {shape}") if count == 1 else f"{COUNT_WORDS[count]} {size} {colour} {_plural(shape)}"
+        )
+        return Prompt(
+            f"a photo of {thing} {WHERE[position]} on a {background} background",
+            category,
+            {
+                "kind": "group",
+                "shape": shape,
+                "colour": colour,
+                "count": count,
+                "size": size,
+                "position": position,
+                "background": background,
+                "checks": ["colour", "count", "position"],
+            },
+        )
     if category == "Positional" and rng.random() < 0.5:
         position = rng.choice(vocab["positions"])
-        return Prompt(f"{_a(f'{colour} {shape}')} {WHERE[position]}", category,
-                      {"kind": "group", "shape": shape, "colour": colour, "count": 1, "position": position,
-                       "checks": ["position"]})
+        return Prompt(
+            f"{_a(f'{colour} {shape}')} {WHERE[position]}",
+            category,
+            {
+                "kind": "group",
+                "shape": shape,
+                "colour": colour,
+                "count": 1,
+                "position": position,
+                "checks": ["position"],
+            },
+        )
     if category not in ("Positional", "Conflicting"):
         raise UserError(f"world suite category {category!r}; expected one of {', '.join(WORLD_CATEGORIES)}")
     colour2 = rng.choice([c for c in vocab["colours"] if c != colour])
     shape2 = shape if category == "Conflicting" else rng.choice([s for s in vocab["shapes"] if s != shape])
     relation = rng.choice(list(RELATIONS))
-    return Prompt(f"{_a(f'{colour} {shape}')} {RELATIONS[relation]} {_a(f'{colour2} {shape2}')}", category,
-                  {"kind": "relation", "shape": shape, "colour": colour, "shape2": shape2, "colour2": colour2,
-                   "relation": relation,
-                   "checks": ["colour", "position"] if category == "Conflicting" else ["position"]})
+    return Prompt(
+        f"{_a(f'{colour} {shape}')} {RELATIONS[relation]} {_a(f'{colour2} {shape2}')}",
+        category,
+        {
+            "kind": "relation",
+            "shape": shape,
+            "colour": colour,
+            "shape2": shape2,
+            "colour2": colour2,
+            "relation": relation,
+            "checks": ["colour", "position"] if category == "Conflicting" else ["position"],
+        },
+    )
 
 
 def world_suite(per_category: int = 20, seed: int = 0, world_config: str | None = None) -> list[Prompt]:
@@ -137,13 +191,17 @@ def world_suite(per_category: int = 20, seed: int = 0, world_config: str | None 
     return prompts
 
 
-def load_prompts(spec: str, per_category: int = 20, seed: int = 0, world_config: str | None = None) -> tuple[str, list[Prompt]]:
+def load_prompts(
+    spec: str, per_category: int = 20, seed: int = 0, world_config: str | None = None
+) -> tuple[str, list[Prompt]]:
     """(suite name, prompts) for `prompts=world`, `prompts=drawbench` (data/drawbench.csv) or a CSV path."""
     if spec == "world":
         return "world", world_suite(per_category, seed, world_config)
     if spec == "drawbench":
         if not os.path.isfile(DEFAULT_DRAWBENCH_CSV):
-            raise UserError(f"prompts=drawbench reads {DEFAULT_DRAWBENCH_CSV}, which is missing: run "
-                            f"`python -m evaluation.t2i.download_drawbench` or pass prompts=<csv path>")
+            raise UserError(
+                f"prompts=drawbench reads {DEFAULT_DRAWBENCH_CSV}, which is missing: run "
+                f"`python -m evaluation.t2i.download_drawbench` or pass prompts=<csv path>"
+            )
         spec = DEFAULT_DRAWBENCH_CSV
     return Path(spec).stem, read_prompt_csv(spec)

@@ -16,9 +16,16 @@ from PIL import Image, ImageDraw, ImageFont
 from evaluation.report import model_tags
 from training.tracking import mlflow_run, sweep_parent_run
 
-COLUMNS = (("clip_score", "CLIPScore"), ("correct", "correct"), ("colour", "colour"), ("count", "count"),
-           ("position", "position"), ("baseline_clip_score", "baseline CLIPScore"), ("win", "win rate"),
-           ("win_correct", "win rate (correct)"))
+COLUMNS = (
+    ("clip_score", "CLIPScore"),
+    ("correct", "correct"),
+    ("colour", "colour"),
+    ("count", "count"),
+    ("position", "position"),
+    ("baseline_clip_score", "baseline CLIPScore"),
+    ("win", "win rate"),
+    ("win_correct", "win rate (correct)"),
+)
 
 
 def thumbnail(path: str, side: int) -> Image.Image:
@@ -68,41 +75,63 @@ def html_page(record: dict, grids: dict[str, Image.Image], thumbs: dict[str, Ima
     summary = record["categories"]
     shown = [(key, title) for key, title in COLUMNS if any(key in entry for entry in summary.values())]
     head = "".join(f"<th>{title}</th>" for _, title in shown)
-    body = "".join(f"<tr><td>{html.escape(c)}</td><td>{e['prompts']}</td>"
-                   + "".join(f"<td>{_cell(e.get(k))}</td>" for k, _ in shown) + "</tr>" for c, e in summary.items())
+    body = "".join(
+        f"<tr><td>{html.escape(c)}</td><td>{e['prompts']}</td>"
+        + "".join(f"<td>{_cell(e.get(k))}</td>" for k, _ in shown)
+        + "</tr>"
+        for c, e in summary.items()
+    )
     sections = []
     for category, grid in grids.items():
         rows = [r for r in record["rows"] if r["category"] == category]
-        titles = ["prompt", "seed", "image", *(["baseline"] if record["baseline"] else []),
-                  *(t for k, t in shown if k in rows[0]), "failed checks"]
-        lines = "<tr>" + "".join(f"<th>{t}</th>" for t in titles) + "</tr>" + "".join(
-            f"<tr><td>{html.escape(r['prompt'])}</td><td>{r['seed']}</td>"
-            f"<td><img src='{data_uri(thumbs[r['image']])}'></td>"
-            + (f"<td><img src='{data_uri(thumbs[r['baseline_image']])}'></td>" if "baseline_image" in r else "")
-            + "".join(f"<td>{_cell(r.get(k))}</td>" for k, _ in shown if k in r)
-            + f"<td>{html.escape(r.get('reasons', ''))}</td></tr>" for r in rows)
-        sections.append(f"<h2>{html.escape(category)}</h2><img class='grid' alt='{html.escape(category)} grid' "
-                        f"src='{data_uri(grid)}'><details><summary>{len(rows)} images</summary>"
-                        f"<table>{lines}</table></details>")
+        titles = [
+            "prompt",
+            "seed",
+            "image",
+            *(["baseline"] if record["baseline"] else []),
+            *(t for k, t in shown if k in rows[0]),
+            "failed checks",
+        ]
+        lines = (
+            "<tr>"
+            + "".join(f"<th>{t}</th>" for t in titles)
+            + "</tr>"
+            + "".join(
+                f"<tr><td>{html.escape(r['prompt'])}</td><td>{r['seed']}</td>"
+                f"<td><img src='{data_uri(thumbs[r['image']])}'></td>"
+                + (f"<td><img src='{data_uri(thumbs[r['baseline_image']])}'></td>" if "baseline_image" in r else "")
+                + "".join(f"<td>{_cell(r.get(k))}</td>" for k, _ in shown if k in r)
+                + f"<td>{html.escape(r.get('reasons', ''))}</td></tr>"
+                for r in rows
+            )
+        )
+        sections.append(
+            f"<h2>{html.escape(category)}</h2><img class='grid' alt='{html.escape(category)} grid' "
+            f"src='{data_uri(grid)}'><details><summary>{len(rows)} images</summary>"
+            f"<table>{lines}</table></details>"
+        )
     meta = {k: record[k] for k in ("model", "baseline", "judge", "dataset", "samples")}
     meta.update({k: v for k, v in record["generation"].items() if v is not None})
     meta = {k: v for k, v in meta.items() if v is not None}
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>DrawBench · {html.escape(record['dataset'])}</title>
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>DrawBench · {html.escape(record["dataset"])}</title>
 <style>body{{font-family:sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}th{{background:#eef}}
 img{{image-rendering:pixelated;width:{side}px}}img.grid{{width:auto;max-width:100%;border:1px solid #999}}</style></head>
-<body><h1>DrawBench-style evaluation · {html.escape(record['dataset'])}</h1>
-<p>{' · '.join(f'<b>{html.escape(k)}</b> {html.escape(str(v))}' for k, v in meta.items())}</p>
+<body><h1>DrawBench-style evaluation · {html.escape(record["dataset"])}</h1>
+<p>{" · ".join(f"<b>{html.escape(k)}</b> {html.escape(str(v))}" for k, v in meta.items())}</p>
 <table><tr><th>category</th><th>prompts</th>{head}</tr>{body}</table>
-<p>Means over prompts with {record['confidence']:.0%} bootstrap intervals. Grids: one row per prompt; the
-model's images, then the baseline's.</p>{''.join(sections)}</body></html>"""
+<p>Means over prompts with {record["confidence"]:.0%} bootstrap intervals. Grids: one row per prompt; the
+model's images, then the baseline's.</p>{"".join(sections)}</body></html>"""
 
 
 def mlflow_table(record: dict, thumbs: dict[str, Image.Image]) -> dict[str, list]:
     keys = [k for k, _ in COLUMNS if k in record["rows"][0]]
-    table = {"prompt": [r["prompt"] for r in record["rows"]], "category": [r["category"] for r in record["rows"]],
-             "seed": [r["seed"] for r in record["rows"]],
-             "image": [thumbs[r["image"]] for r in record["rows"]]}
+    table = {
+        "prompt": [r["prompt"] for r in record["rows"]],
+        "category": [r["category"] for r in record["rows"]],
+        "seed": [r["seed"] for r in record["rows"]],
+        "image": [thumbs[r["image"]] for r in record["rows"]],
+    }
     table.update({k: [r.get(k) for r in record["rows"]] for k in keys})
     return table
 
@@ -110,8 +139,9 @@ def mlflow_table(record: dict, thumbs: dict[str, Image.Image]) -> dict[str, list
 def write_report(record: dict, output: str, config: dict, report_cfg, tracking: bool) -> None:
     side = int(report_cfg.thumbnail)
     record["confidence"] = float(report_cfg.confidence)
-    grids = {c: category_grid(record, c, int(report_cfg.grid_prompts), side)
-             for c in record["categories"] if c != "all"}
+    grids = {
+        c: category_grid(record, c, int(report_cfg.grid_prompts), side) for c in record["categories"] if c != "all"
+    }
     paths = [r[k] for r in record["rows"] for k in ("image", "baseline_image") if k in r]
     thumbs = {path: thumbnail(path, side) for path in dict.fromkeys(paths)}  # each image read once
     os.makedirs(os.path.join(output, "grids"), exist_ok=True)
@@ -122,10 +152,19 @@ def write_report(record: dict, output: str, config: dict, report_cfg, tracking: 
     with open(os.path.join(output, "report.html"), "w") as f:
         f.write(html_page(record, grids, thumbs, side))
     if tracking:
-        tags = {**model_tags(record["model"]), **(model_tags(record["baseline"], "baseline") if record["baseline"] else {}),
-                "pixelmill.judge": os.path.abspath(record["judge"]), "pixelmill.task": "drawbench"}
-        with mlflow_run(f"drawbench {record['dataset']}", config=config, tags=tags,
-                        parent_run_id=sweep_parent_run("drawbench"), task="drawbench"):
+        tags = {
+            **model_tags(record["model"]),
+            **(model_tags(record["baseline"], "baseline") if record["baseline"] else {}),
+            "pixelmill.judge": os.path.abspath(record["judge"]),
+            "pixelmill.task": "drawbench",
+        }
+        with mlflow_run(
+            f"drawbench {record['dataset']}",
+            config=config,
+            tags=tags,
+            parent_run_id=sweep_parent_run("drawbench"),
+            task="drawbench",
+        ):
             import mlflow  # configured by mlflow_run
 
             mlflow.log_metrics({k: v for k, v in record["metrics"].items() if not math.isnan(v)})
@@ -138,12 +177,16 @@ def write_report(record: dict, output: str, config: dict, report_cfg, tracking: 
 
 
 def print_summary(record: dict, output: str) -> None:
-    print(f"\ndrawbench · {record['dataset']} · {record['samples']} images · {record['model']}"
-          + (f" vs {record['baseline']}" if record["baseline"] else ""))
+    print(
+        f"\ndrawbench · {record['dataset']} · {record['samples']} images · {record['model']}"
+        + (f" vs {record['baseline']}" if record["baseline"] else "")
+    )
     keys = [k for k, _ in COLUMNS if k in record["categories"]["all"]]
     print(f"  {'category':<22}{'prompts':>8}" + "".join(f"{k:>22}" for k in keys))
     for category, entry in record["categories"].items():
-        cells = "".join(f"{entry[k]['mean']:>8.3f} [{entry[k]['low']:.2f},{entry[k]['high']:.2f}]" if k in entry
-                        else " " * 22 for k in keys)
+        cells = "".join(
+            f"{entry[k]['mean']:>8.3f} [{entry[k]['low']:.2f},{entry[k]['high']:.2f}]" if k in entry else " " * 22
+            for k in keys
+        )
         print(f"  {category:<22}{entry['prompts']:>8}{cells}")
     print(f"  images drawn now: {record['generated']} · report: {output}/report.html")

@@ -35,9 +35,9 @@ RELATION_TESTS = {  # (dx, dy) of the first object's centre minus the second's
 @dataclass(frozen=True)
 class WorldObject:
     colour: str
-    x: float      # centre, as a fraction of the width
-    y: float      # centre, as a fraction of the height
-    area: float   # as a fraction of the image
+    x: float  # centre, as a fraction of the width
+    y: float  # centre, as a fraction of the height
+    area: float  # as a fraction of the image
 
 
 class ObjectFinder:
@@ -45,8 +45,13 @@ class ObjectFinder:
     whose nearest palette colour lies within `max_distance` are labelled with it; 4-connected patches of such
     pixels larger than `min_area` (fraction of the image) are objects."""
 
-    def __init__(self, palette: dict[str, tuple[int, int, int]], min_saturation: float = 60.0,
-                 max_distance: float = 90.0, min_area: float = 0.002):
+    def __init__(
+        self,
+        palette: dict[str, tuple[int, int, int]],
+        min_saturation: float = 60.0,
+        max_distance: float = 90.0,
+        min_area: float = 0.002,
+    ):
         self.names = list(palette)
         self.palette = np.array([palette[n] for n in self.names], dtype=np.float32)  # (K, 3)
         self.min_saturation, self.max_distance, self.min_area = min_saturation, max_distance, min_area

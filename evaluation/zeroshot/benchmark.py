@@ -12,8 +12,8 @@ from tqdm import tqdm
 from evaluation.zeroshot.datasets import EvalSet
 from evaluation.zeroshot.metrics import classification_metrics, retrieval_metrics
 from evaluation.zeroshot.templates import fill
-from training.errors import UserError
 from training.data.transforms import EvalTransform
+from training.errors import UserError
 
 
 @dataclass
@@ -31,8 +31,14 @@ class ClipEncoder:
     def from_bundle(cls, bundle, device="cpu") -> ClipEncoder:
         processor = bundle.image_processor
         size = bundle.model.config.vision_config.image_size
-        return cls(bundle.model.to(device).eval(), bundle.tokenizer, size, tuple(processor.image_mean),
-                   tuple(processor.image_std), torch.device(device))
+        return cls(
+            bundle.model.to(device).eval(),
+            bundle.tokenizer,
+            size,
+            tuple(processor.image_mean),
+            tuple(processor.image_std),
+            torch.device(device),
+        )
 
     @property
     def context_length(self) -> int:
@@ -50,8 +56,13 @@ class ClipEncoder:
     def texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         parts = []
         for start in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(texts[start:start + batch_size], padding="max_length", truncation=True,
-                                    max_length=self.context_length, return_tensors="pt").to(self.device)
+            tokens = self.tokenizer(
+                texts[start : start + batch_size],
+                padding="max_length",
+                truncation=True,
+                max_length=self.context_length,
+                return_tensors="pt",
+            ).to(self.device)
             out = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
             parts.append(F.normalize(out.pooler_output.float(), dim=-1).cpu())
         return torch.cat(parts)  # (T, D)
@@ -75,8 +86,15 @@ def encode_set(encoder: ClipEncoder, eval_set: EvalSet, batch_size: int, num_wor
     return torch.cat(features), torch.cat(labels), captions
 
 
-def zeroshot_classification(encoder: ClipEncoder, eval_set: EvalSet, classnames: list[str], templates: list[str],
-                            batch_size: int = 64, num_workers: int = 2, progress: bool = True) -> dict:
+def zeroshot_classification(
+    encoder: ClipEncoder,
+    eval_set: EvalSet,
+    classnames: list[str],
+    templates: list[str],
+    batch_size: int = 64,
+    num_workers: int = 2,
+    progress: bool = True,
+) -> dict:
     features, labels, _ = encode_set(encoder, eval_set, batch_size, num_workers, progress)
     if (labels < 0).any() or (labels >= len(classnames)).any():
         bad = int(labels[(labels < 0) | (labels >= len(classnames))][0])
@@ -87,8 +105,14 @@ def zeroshot_classification(encoder: ClipEncoder, eval_set: EvalSet, classnames:
     return result
 
 
-def retrieval(encoder: ClipEncoder, eval_set: EvalSet, batch_size: int = 64, num_workers: int = 2, chunk: int = 1024,
-              progress: bool = True) -> dict:
+def retrieval(
+    encoder: ClipEncoder,
+    eval_set: EvalSet,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    chunk: int = 1024,
+    progress: bool = True,
+) -> dict:
     features, _, captions = encode_set(encoder, eval_set, batch_size, num_workers, progress)
     texts = [c for per_image in captions for c in per_image]
     text_image = torch.tensor([i for i, per_image in enumerate(captions) for _ in per_image])

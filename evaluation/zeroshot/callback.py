@@ -15,16 +15,23 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 
+from evaluation.zeroshot.benchmark import ClipEncoder, zeroshot_classification
 from evaluation.zeroshot.datasets import EvalSet
 from evaluation.zeroshot.templates import resolve_templates
-from evaluation.zeroshot.benchmark import ClipEncoder, zeroshot_classification
-from training.clip.model import CLIP_MEAN, CLIP_STD
 from training.clip.export import gather_clip
+from training.clip.model import CLIP_MEAN, CLIP_STD
 
 
 class ZeroShotCallback(pl.Callback):
-    def __init__(self, datasets: dict[str, str], every_n_steps: int = 500, templates="dataset", batch_size: int = 64,
-                 num_workers: int = 0, at_end: bool = True):
+    def __init__(
+        self,
+        datasets: dict[str, str],
+        every_n_steps: int = 500,
+        templates="dataset",
+        batch_size: int = 64,
+        num_workers: int = 0,
+        at_end: bool = True,
+    ):
         self.eval_sets = {name: EvalSet.open(str(path), need_classnames=True) for name, path in dict(datasets).items()}
         self.templates = {name: resolve_templates(templates, s.path) for name, s in self.eval_sets.items()}
         self.every_n_steps, self.batch_size, self.num_workers = int(every_n_steps), int(batch_size), int(num_workers)
@@ -38,12 +45,25 @@ class ZeroShotCallback(pl.Callback):
         model = gather_clip(trainer, pl_module)
         if model is not None:
             tokenizer = trainer.datamodule.tokenizer
-            encoder = ClipEncoder(model.to(pl_module.device), tokenizer, model.config.vision_config.image_size,
-                                  CLIP_MEAN, CLIP_STD, pl_module.device)
+            encoder = ClipEncoder(
+                model.to(pl_module.device),
+                tokenizer,
+                model.config.vision_config.image_size,
+                CLIP_MEAN,
+                CLIP_STD,
+                pl_module.device,
+            )
             metrics = {}
             for name, eval_set in self.eval_sets.items():
-                result = zeroshot_classification(encoder, eval_set, eval_set.classnames, self.templates[name],
-                                                 self.batch_size, self.num_workers, progress=False)
+                result = zeroshot_classification(
+                    encoder,
+                    eval_set,
+                    eval_set.classnames,
+                    self.templates[name],
+                    self.batch_size,
+                    self.num_workers,
+                    progress=False,
+                )
                 metrics.update({f"zeroshot/{name}/{k}": v for k, v in result["metrics"].items()})
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)

@@ -1,10 +1,10 @@
 """Eval sets in clip_benchmark's webdataset layout, read with `webdataset`:
 
-  <dir>/classnames.txt                        one class name per line (classification)
-  <dir>/zeroshot_classification_templates.txt optional, one template per line
-  <dir>/<split>/nshards.txt                   number of tars
-  <dir>/<split>/{0..n-1}.tar                  {key}.jpg|png|webp + {key}.cls (class index) or {key}.txt
-                                              (captions, one per line: several per image allowed)
+<dir>/classnames.txt                        one class name per line (classification)
+<dir>/zeroshot_classification_templates.txt optional, one template per line
+<dir>/<split>/nshards.txt                   number of tars
+<dir>/<split>/{0..n-1}.tar                  {key}.jpg|png|webp + {key}.cls (class index) or {key}.txt
+                                            (captions, one per line: several per image allowed)
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ class EvalSet:
 
     def loader(self, transform, batch_size: int, num_workers: int) -> DataLoader:
         stream = _EvalStream(self.shards, transform)
-        return DataLoader(stream, batch_size=batch_size, num_workers=min(num_workers, len(self.shards)),
-                          collate_fn=_collate)
+        return DataLoader(
+            stream, batch_size=batch_size, num_workers=min(num_workers, len(self.shards)), collate_fn=_collate
+        )
 
 
 class _EvalStream(IterableDataset):
@@ -66,7 +67,7 @@ class _EvalStream(IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        shards = self.shards[info.id::info.num_workers] if info else self.shards
+        shards = self.shards[info.id :: info.num_workers] if info else self.shards
         for sample in wds.tarfile_to_samples()({"url": s} for s in shards):
             data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
             if data is None:
@@ -74,11 +75,16 @@ class _EvalStream(IterableDataset):
             with Image.open(io.BytesIO(data)) as image:
                 pixels = self.transform(image)
             label = int(sample["cls"].decode()) if "cls" in sample else -1
-            captions = [c.strip() for c in sample["txt"].decode("utf-8").splitlines() if c.strip()] if "txt" in sample else []
+            captions = (
+                [c.strip() for c in sample["txt"].decode("utf-8").splitlines() if c.strip()] if "txt" in sample else []
+            )
             yield {"key": sample["__key__"], "pixels": pixels, "label": label, "captions": captions}
 
 
 def _collate(samples: list[dict]) -> dict:
-    return {"pixel_values": torch.stack([s["pixels"] for s in samples]),
-            "labels": torch.tensor([s["label"] for s in samples]),
-            "captions": [s["captions"] for s in samples], "keys": [s["key"] for s in samples]}
+    return {
+        "pixel_values": torch.stack([s["pixels"] for s in samples]),
+        "labels": torch.tensor([s["label"] for s in samples]),
+        "captions": [s["captions"] for s in samples],
+        "keys": [s["key"] for s in samples],
+    }

@@ -36,8 +36,13 @@ def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, num_class
     return {"metrics": metrics, "per_class_recall": recall, "support": support, "confusion": confusion}
 
 
-def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, text_image: torch.Tensor,
-                      ks=(1, 5, 10), chunk: int = 1024) -> dict:
+def retrieval_metrics(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    text_image: torch.Tensor,
+    ks=(1, 5, 10),
+    chunk: int = 1024,
+) -> dict:
     """Recall@k both ways. `text_image[j]` is the image caption j belongs to (several captions per image
     allowed). text→image ("image_retrieval"): is the caption's image in the top k? image→text
     ("text_retrieval"): is any of the image's captions in the top k? Scores are computed `chunk` rows at a
@@ -46,12 +51,12 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     n_images = image_features.shape[0]
     text_ranks = []
     for start in range(0, text_features.shape[0], chunk):
-        scores = text_features[start:start + chunk] @ image_features.T  # (c, N)
-        truth = scores.gather(1, text_image[start:start + chunk, None])
+        scores = text_features[start : start + chunk] @ image_features.T  # (c, N)
+        truth = scores.gather(1, text_image[start : start + chunk, None])
         text_ranks.append((scores >= truth).sum(1) - 1)
     image_ranks = []
     for start in range(0, n_images, chunk):
-        scores = image_features[start:start + chunk] @ text_features.T  # (c, M)
+        scores = image_features[start : start + chunk] @ text_features.T  # (c, M)
         images = torch.arange(start, min(start + chunk, n_images))
         positive = text_image[None, :] == images[:, None]  # (c, M)
         best = scores.masked_fill(~positive, -torch.inf).max(1).values  # (c,)

@@ -36,22 +36,33 @@ def evaluate_clip(cfg: DictConfig) -> dict:
     tables, figures = {}, {}
     if classify:
         classnames = list(cfg.classnames) if cfg.classnames else eval_set.classnames
-        templates = resolve_templates(OmegaConf.to_object(cfg.templates) if OmegaConf.is_config(cfg.templates) else cfg.templates,
-                                      eval_set.path)
-        result = zeroshot_classification(encoder, eval_set, classnames, templates, cfg.batch_size, cfg.num_workers, cfg.progress)
+        templates = resolve_templates(
+            OmegaConf.to_object(cfg.templates) if OmegaConf.is_config(cfg.templates) else cfg.templates, eval_set.path
+        )
+        result = zeroshot_classification(
+            encoder, eval_set, classnames, templates, cfg.batch_size, cfg.num_workers, cfg.progress
+        )
         tables["per_class.json"] = per_class_table(classnames, result)
         figures["confusion_matrix.png"] = confusion_figure(classnames, result["confusion"])
         extra = {"templates": len(templates), "classes": len(classnames)}
     else:
         result = retrieval(encoder, eval_set, cfg.batch_size, cfg.num_workers, cfg.chunk_size, cfg.progress)
         extra = {"captions": result["captions"]}
-    record = {"dataset": eval_set.name, "model": str(cfg.clip), "task": cfg.task, "metrics": result["metrics"],
-              "samples": result["samples"], **extra}
+    record = {
+        "dataset": eval_set.name,
+        "model": str(cfg.clip),
+        "task": cfg.task,
+        "metrics": result["metrics"],
+        "samples": result["samples"],
+        **extra,
+    }
     output = cfg.output or os.path.join("eval_results", f"{eval_set.name}_{cfg.task}.json")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         json.dump(record, f, indent=2)
     if cfg.tracking:
-        log_evaluation(record, OmegaConf.to_container(cfg, resolve=True), tables, figures, lineage(str(cfg.clip), eval_set))
+        log_evaluation(
+            record, OmegaConf.to_container(cfg, resolve=True), tables, figures, lineage(str(cfg.clip), eval_set)
+        )
     print_summary(record, output)
     return record

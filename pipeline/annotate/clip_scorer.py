@@ -45,12 +45,14 @@ class ClipScorer:
     def embed(self, images: list, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised float32 embeddings on CPU, (B, D) each."""
         pixels = self.clip.image_processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
-        tokens = self.clip.tokenizer(captions, padding=True, truncation=True, max_length=self.clip.context_length,
-                                     return_tensors="pt").to(self.device)
+        tokens = self.clip.tokenizer(
+            captions, padding=True, truncation=True, max_length=self.clip.context_length, return_tensors="pt"
+        ).to(self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
             image = self.clip.model.get_image_features(pixel_values=pixels).pooler_output
-            text = self.clip.model.get_text_features(input_ids=tokens["input_ids"],
-                                                     attention_mask=tokens["attention_mask"]).pooler_output
+            text = self.clip.model.get_text_features(
+                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+            ).pooler_output
         image = torch.nn.functional.normalize(image.float(), dim=-1).cpu()
         text = torch.nn.functional.normalize(text.float(), dim=-1).cpu()
         return image, text

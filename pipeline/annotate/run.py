@@ -26,10 +26,20 @@ from pipeline.storage import MANIFEST, Location, claim_output, config_fingerprin
 IDENTITY = "_identity.json"
 RUN_ONLY = {"input", "output", "clip_batch_size", "clip_actors", "clip_threads", "overwrite", "progress", "ray"}
 COLUMNS = [
-    ("key", pa.string()), ("shard", pa.string()), ("url", pa.string()), ("caption", pa.string()),
-    ("sha256", pa.string()), ("dhash", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-    ("original_width", pa.int32()), ("original_height", pa.int32()), ("aspect_ratio", pa.float32()),
-    ("caption_chars", pa.int32()), ("caption_words", pa.int32()), ("error", pa.string()),
+    ("key", pa.string()),
+    ("shard", pa.string()),
+    ("url", pa.string()),
+    ("caption", pa.string()),
+    ("sha256", pa.string()),
+    ("dhash", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("original_width", pa.int32()),
+    ("original_height", pa.int32()),
+    ("aspect_ratio", pa.float32()),
+    ("caption_chars", pa.int32()),
+    ("caption_words", pa.int32()),
+    ("error", pa.string()),
 ]
 
 
@@ -52,7 +62,9 @@ def clip_fingerprint(path: str | None) -> str | None:
     folder = Location(path)
     if not folder.exists("config.json"):
         raise StageError(f"clip={path} is not a transformers CLIP folder (no config.json there)")
-    files = {n: folder.fs.size(folder.path(n)) for n in folder.listdir() if n.endswith((".safetensors", ".bin", ".json"))}
+    files = {
+        n: folder.fs.size(folder.path(n)) for n in folder.listdir() if n.endswith((".safetensors", ".bin", ".json"))
+    }
     with folder.fs.open(folder.path("config.json"), "rb") as f:
         files["config.json"] = hashlib.sha256(f.read()).hexdigest()
     return config_fingerprint(files)
@@ -76,7 +88,9 @@ def to_table(parts: list[dict]) -> pa.Table:
         unreadable = pa.array([isinstance(e, str) for e in batch["error"]])
         for name in ("image_embedding", "text_embedding"):
             values = np.ascontiguousarray(batch[name], dtype=np.float16)
-            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1], mask=unreadable)
+            columns[name] = pa.FixedSizeListArray.from_arrays(
+                pa.array(values.reshape(-1)), values.shape[1], mask=unreadable
+            )
         columns["clip_score"] = pa.array(batch["clip_score"].astype(np.float32), mask=~np.isfinite(batch["clip_score"]))
     return pa.table(columns)
 
@@ -84,8 +98,11 @@ def to_table(parts: list[dict]) -> pa.Table:
 def empty_table(dim: int | None) -> pa.Table:
     fields = [pa.field(n, t) for n, t in COLUMNS]
     if dim:
-        fields += [pa.field("image_embedding", pa.list_(pa.float16(), dim)), pa.field("text_embedding", pa.list_(pa.float16(), dim)),
-                   pa.field("clip_score", pa.float32())]
+        fields += [
+            pa.field("image_embedding", pa.list_(pa.float16(), dim)),
+            pa.field("text_embedding", pa.list_(pa.float16(), dim)),
+            pa.field("clip_score", pa.float32()),
+        ]
     return pa.schema(fields).empty_table()
 
 
@@ -100,18 +117,27 @@ def _stream(cfg: dict, todo: list[str], out: Location, samples_hint: int) -> Non
     # CPU-side readers take the CPUs that CLIP actors on CPU leave; the pool grows as blocks wait for it.
     readers = actor_count(None, len(todo)) - (0 if gpus else actors)
     dataset = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-    dataset = dataset.map_batches(ShardAnnotator, fn_constructor_kwargs={"input_url": cfg["input"]}, batch_size=1,
-                                  compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, readers)))
+    dataset = dataset.map_batches(
+        ShardAnnotator,
+        fn_constructor_kwargs={"input_url": cfg["input"]},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, readers)),
+    )
     if cfg["clip"]:
         dataset = dataset.map_batches(
-            ClipScorer, fn_constructor_kwargs={"clip_path": cfg["clip"], "threads": cfg["clip_threads"]},
-            batch_size=int(cfg["clip_batch_size"]), compute=ray.data.ActorPoolStrategy(size=actors),
-            num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+            ClipScorer,
+            fn_constructor_kwargs={"clip_path": cfg["clip"], "threads": cfg["clip_threads"]},
+            batch_size=int(cfg["clip_batch_size"]),
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=1 if gpus else 0,
+            num_cpus=0 if gpus else 1,
         )
     dataset = dataset.drop_columns(["image"])
     pending: dict[str, list[dict]] = {}
     seen: dict[str, int] = {}
-    with tqdm(total=samples_hint or None, desc="annotate", unit="sample", disable=not cfg["progress"], smoothing=0) as bar:
+    with tqdm(
+        total=samples_hint or None, desc="annotate", unit="sample", disable=not cfg["progress"], smoothing=0
+    ) as bar:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             bar.update(len(batch["key"]))
             shard_of_row = batch["shard"].astype(str)
@@ -172,11 +198,22 @@ def annotate(cfg: DictConfig | dict) -> dict:
         errors += table.num_rows - table.column("error").null_count
     counts = {"shards": len(shards), "samples": samples, "unreadable": errors}
     run = {"shards_annotated": len(todo), "seconds": round(seconds, 3)}
-    manifest = write_manifest(out, "annotate", cfg, counts, {n: file_sha256(out, n) for n in names}, started,
-                              identity=identity, input_content_hash=input_hash, last_run=run)
+    manifest = write_manifest(
+        out,
+        "annotate",
+        cfg,
+        counts,
+        {n: file_sha256(out, n) for n in names},
+        started,
+        identity=identity,
+        input_content_hash=input_hash,
+        last_run=run,
+    )
     rate = samples / seconds if todo and seconds else 0.0
-    print(f"annotate summary: {samples} samples in {len(shards)} shards ({errors} unreadable)"
-          + (f"; {len(todo)} shards in {seconds:.1f}s: {rate:.1f} samples/s" if todo else ""))
+    print(
+        f"annotate summary: {samples} samples in {len(shards)} shards ({errors} unreadable)"
+        + (f"; {len(todo)} shards in {seconds:.1f}s: {rate:.1f} samples/s" if todo else "")
+    )
     return manifest
 
 

@@ -113,10 +113,13 @@ class ImageGeometry:
             errors.append(error)
         original_w = np.array([w if w is not None else s for w, s in zip(batch["original_width"], width)], np.int32)
         original_h = np.array([h if h is not None else s for h, s in zip(batch["original_height"], height)], np.int32)
-        batch.update(width=width, height=height, original_width=original_w, original_height=original_h,
-                     error=_column(errors))
+        batch.update(
+            width=width, height=height, original_width=original_w, original_height=original_h, error=_column(errors)
+        )
         sides = np.stack([original_w, original_h]).astype(np.float32)
-        batch["aspect_ratio"] = np.where(sides.min(0) > 0, sides.max(0) / np.maximum(sides.min(0), 1), np.nan).astype(np.float32)
+        batch["aspect_ratio"] = np.where(sides.min(0) > 0, sides.max(0) / np.maximum(sides.min(0), 1), np.nan).astype(
+            np.float32
+        )
         return batch
 
 

@@ -102,27 +102,58 @@ class ShardCrawler:
         async def one(row: dict) -> dict:
             nonlocal downloaded
             record = {k: v for k, v in row.items() if k != "duplicate_of"}
-            record.update(status=None, reason=None, error_message=None, width=None, height=None,
-                          original_width=None, original_height=None, exif=None, sha256=None)
+            record.update(
+                status=None,
+                reason=None,
+                error_message=None,
+                width=None,
+                height=None,
+                original_width=None,
+                original_height=None,
+                exif=None,
+                sha256=None,
+            )
             if row.get("duplicate_of"):
-                return {**record, "status": "duplicate", "reason": "duplicate_url",
-                        "error_message": f"duplicate of key {row['duplicate_of']}"}
+                return {
+                    **record,
+                    "status": "duplicate",
+                    "reason": "duplicate_url",
+                    "error_message": f"duplicate of key {row['duplicate_of']}",
+                }
             if not row["url"]:
-                return {**record, "status": STATUS_OF_FETCH_FAILURE, "reason": "invalid_url", "error_message": "empty URL"}
+                return {
+                    **record,
+                    "status": STATUS_OF_FETCH_FAILURE,
+                    "reason": "invalid_url",
+                    "error_message": "empty URL",
+                }
             async with in_flight:
                 fetched = await fetcher.fetch(row["url"])
                 if fetched.data is None:
-                    return {**record, "status": STATUS_OF_FETCH_FAILURE, "reason": fetched.reason,
-                            "error_message": fetched.message}
+                    return {
+                        **record,
+                        "status": STATUS_OF_FETCH_FAILURE,
+                        "reason": fetched.reason,
+                        "error_message": fetched.message,
+                    }
                 downloaded += len(fetched.data)
                 digest, processed = await loop.run_in_executor(self.pool, self._process, fetched.data)
             record["sha256"] = digest
             if processed.reason:
-                return {**record, "status": STATUS_OF_IMAGE_FAILURE, "reason": processed.reason,
-                        "error_message": processed.message}
-            record.update(status="success", width=processed.width, height=processed.height,
-                          original_width=processed.original_width, original_height=processed.original_height,
-                          exif=processed.exif)
+                return {
+                    **record,
+                    "status": STATUS_OF_IMAGE_FAILURE,
+                    "reason": processed.reason,
+                    "error_message": processed.message,
+                }
+            record.update(
+                status="success",
+                width=processed.width,
+                height=processed.height,
+                original_width=processed.original_width,
+                original_height=processed.original_height,
+                exif=processed.exif,
+            )
             writer.add(record, processed.data)
             return record
 

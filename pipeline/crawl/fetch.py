@@ -75,7 +75,7 @@ class Fetcher:
         self.connections = connections
         self.session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> "Fetcher":
+    async def __aenter__(self) -> Fetcher:
         connector = aiohttp.TCPConnector(
             limit=self.connections, resolver=GuardedResolver(self.guard), ttl_dns_cache=300, use_dns_cache=True
         )
@@ -136,7 +136,9 @@ class Fetcher:
                     seen.add(str(current))
                     continue
                 if response.status != 200:
-                    return Fetched(reason=f"http_{response.status}", message=f"HTTP {response.status} {response.reason}")
+                    return Fetched(
+                        reason=f"http_{response.status}", message=f"HTTP {response.status} {response.reason}"
+                    )
                 directive = opted_out(
                     response.headers.getall("X-Robots-Tag", []), s.user_agent_token, s.disallowed_header_directives
                 )
@@ -166,7 +168,9 @@ class Fetcher:
         try:
             size = os.path.getsize(path)
             if size > self.settings.max_bytes:
-                return Fetched(reason="too_large", message=f"file of {size} bytes > max_bytes {self.settings.max_bytes}")
+                return Fetched(
+                    reason="too_large", message=f"file of {size} bytes > max_bytes {self.settings.max_bytes}"
+                )
             return Fetched(data=await asyncio.to_thread(_read_bytes, path))
         except OSError as err:
             return Fetched(reason="file_error", message=f"{type(err).__name__}: {err}")

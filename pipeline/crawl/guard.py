@@ -56,14 +56,20 @@ class GuardedResolver(AbstractResolver):
         self.guard = guard
         self._system = ThreadedResolver()
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         override = self.guard.overrides.get(host.lower())
         if override is not None:
             ip = ipaddress.ip_address(override)
             results = [
                 ResolveResult(
-                    hostname=host, host=override, port=port,
-                    family=socket.AF_INET6 if ip.version == 6 else socket.AF_INET, proto=0, flags=socket.AI_NUMERICHOST,
+                    hostname=host,
+                    host=override,
+                    port=port,
+                    family=socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                    proto=0,
+                    flags=socket.AI_NUMERICHOST,
                 )
             ]
         else:

@@ -84,9 +84,13 @@ class ImageProcessor:
             if width * height > s.max_pixels:
                 return Processed(reason="too_many_pixels", message=f"{width}x{height} over max_pixels {s.max_pixels}")
             if min(width, height) < s.min_image_size:
-                return Processed(reason="image_too_small", message=f"{width}x{height} under min_image_size {s.min_image_size}")
+                return Processed(
+                    reason="image_too_small", message=f"{width}x{height} under min_image_size {s.min_image_size}"
+                )
             if s.max_aspect_ratio and max(width, height) / max(1, min(width, height)) > s.max_aspect_ratio:
-                return Processed(reason="aspect_ratio", message=f"{width}x{height} over max_aspect_ratio {s.max_aspect_ratio}")
+                return Processed(
+                    reason="aspect_ratio", message=f"{width}x{height} over max_aspect_ratio {s.max_aspect_ratio}"
+                )
             source_format = image.format
             scale = self._scale(width, height)
             if scale < 1 and source_format == "JPEG":

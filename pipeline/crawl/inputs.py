@@ -19,7 +19,19 @@ from pipeline.errors import StageError
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "txt")
 EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-RESERVED = {"key", "status", "reason", "error_message", "width", "height", "original_width", "original_height", "exif", "sha256", "duplicate_of"}
+RESERVED = {
+    "key",
+    "status",
+    "reason",
+    "error_message",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "exif",
+    "sha256",
+    "duplicate_of",
+}
 
 
 class InputError(StageError):
@@ -49,7 +61,9 @@ def _format_of(path: str, input_format: str) -> str:
         return input_format
     ext = os.path.splitext(path)[1].lower()
     if ext not in EXTENSIONS:
-        raise InputError(f"cannot tell the format of {path} from its extension; set input_format to one of {', '.join(FORMATS)}")
+        raise InputError(
+            f"cannot tell the format of {path} from its extension; set input_format to one of {', '.join(FORMATS)}"
+        )
     return EXTENSIONS[ext]
 
 
@@ -82,8 +96,13 @@ def fingerprint_files(paths: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def read_input(path: str, input_format: str = "auto", url_col: str = "url", caption_col: str | None = "caption",
-               extra_columns: list[str] | None = None) -> tuple[pa.Table, str | None, str]:
+def read_input(
+    path: str,
+    input_format: str = "auto",
+    url_col: str = "url",
+    caption_col: str | None = "caption",
+    extra_columns: list[str] | None = None,
+) -> tuple[pa.Table, str | None, str]:
     """The input as a table with `url`, `caption` and the extra columns, the folder that file:// URLs may
     read from (image-folder inputs only), and a fingerprint of the input's bytes."""
     path = os.path.abspath(os.path.expanduser(str(path)))
@@ -110,21 +129,31 @@ def read_input(path: str, input_format: str = "auto", url_col: str = "url", capt
         files = [path]
         table = _read_file(path, _format_of(path, input_format))
     if url_col not in table.column_names:
-        raise InputError(f"input {path} has no column {url_col!r} (columns: {', '.join(table.column_names)}); set url_col")
+        raise InputError(
+            f"input {path} has no column {url_col!r} (columns: {', '.join(table.column_names)}); set url_col"
+        )
     if caption_col is not None and caption_col not in table.column_names:
         if table.column_names == ["url"]:
             caption_col = None  # a bare list of URLs, e.g. a .txt file
         else:
-            raise InputError(f"input {path} has no column {caption_col!r} (columns: {', '.join(table.column_names)}); set caption_col, or caption_col=null")
+            raise InputError(
+                f"input {path} has no column {caption_col!r} (columns: {', '.join(table.column_names)}); set "
+                f"caption_col, or caption_col=null"
+            )
     others = [c for c in table.column_names if c not in (url_col, caption_col)]
     if extra_columns is not None:
         missing = [c for c in extra_columns if c not in table.column_names]
         if missing:
-            raise InputError(f"extra_columns {missing} are not in input {path} (columns: {', '.join(table.column_names)})")
+            raise InputError(
+                f"extra_columns {missing} are not in input {path} (columns: {', '.join(table.column_names)})"
+            )
         others = [c for c in extra_columns if c not in (url_col, caption_col)]
     clash = sorted(set(others) & (RESERVED | {"url", "caption"}))
     if clash:
-        raise InputError(f"input column(s) {clash} clash with crawl output columns; rename them, or list the columns to keep in extra_columns")
+        raise InputError(
+            f"input column(s) {clash} clash with crawl output columns; rename them, or list the columns to keep "
+            f"in extra_columns"
+        )
     columns = {
         "url": pc.cast(table[url_col], pa.string()),
         "caption": pc.cast(table[caption_col], pa.string()) if caption_col else pa.nulls(table.num_rows, pa.string()),
@@ -162,5 +191,7 @@ def plan(table: pa.Table, number_sample_per_shard: int) -> list[pa.Table]:
         first_row = np.zeros(0, dtype=np.int64)
     empty = pc.equal(urls, "").to_numpy(zero_copy_only=False)
     duplicate_of = [None if (first_row[r] == r or empty[r]) else keys[first_row[r]] for r in range(n)]
-    full = table.append_column("key", pa.array(keys, pa.string())).append_column("duplicate_of", pa.array(duplicate_of, pa.string()))
+    full = table.append_column("key", pa.array(keys, pa.string())).append_column(
+        "duplicate_of", pa.array(duplicate_of, pa.string())
+    )
     return [full.slice(start, number_sample_per_shard) for start in range(0, n, number_sample_per_shard)]

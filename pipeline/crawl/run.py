@@ -22,16 +22,46 @@ from pipeline.ray_setup import actor_count, init_ray, quiet_ray_data
 from pipeline.storage import MANIFEST, Location, claim_output, code_version, config_fingerprint, write_manifest
 
 # Options that change *how fast*, not *what*: a resume may change them.
-RUN_ONLY = {"input", "output", "processes", "concurrency", "image_threads", "retry_failed", "overwrite", "progress", "ray"}
-FETCH_KEYS = ("timeout", "retries", "retry_backoff", "max_bytes", "max_redirects", "user_agent_token", "disallowed_header_directives")
-IMAGE_KEYS = ("image_size", "resize_mode", "resize_only_if_bigger", "encode_format", "encode_quality", "max_pixels",
-              "min_image_size", "max_aspect_ratio", "downscale_interpolation", "upscale_interpolation")
+RUN_ONLY = {
+    "input",
+    "output",
+    "processes",
+    "concurrency",
+    "image_threads",
+    "retry_failed",
+    "overwrite",
+    "progress",
+    "ray",
+}
+FETCH_KEYS = (
+    "timeout",
+    "retries",
+    "retry_backoff",
+    "max_bytes",
+    "max_redirects",
+    "user_agent_token",
+    "disallowed_header_directives",
+)
+IMAGE_KEYS = (
+    "image_size",
+    "resize_mode",
+    "resize_only_if_bigger",
+    "encode_format",
+    "encode_quality",
+    "max_pixels",
+    "min_image_size",
+    "max_aspect_ratio",
+    "downscale_interpolation",
+    "upscale_interpolation",
+)
 
 
 def worker_settings(cfg: dict, local_root: str | None) -> dict:
     fetch = {k: cfg[k] for k in FETCH_KEYS}
     fetch["disallowed_header_directives"] = tuple(fetch["disallowed_header_directives"])
-    fetch["user_agent"] = f"pixelmill/{code_version().split('+')[0]} (image-text dataset crawler; honours X-Robots-Tag noai)"
+    fetch["user_agent"] = (
+        f"pixelmill/{code_version().split('+')[0]} (image-text dataset crawler; honours X-Robots-Tag noai)"
+    )
     fetch["local_root"] = local_root
     try:  # fail here, in one line, rather than inside every Ray actor
         AddressGuard(cfg["allow_networks"], cfg["resolve"])
@@ -60,8 +90,12 @@ def _prepare(out: Location, cfg: dict, identity: str, table, overwrite: bool) ->
     for shard_id, shard in enumerate(shards):
         with plan_dir.open_atomic(f"{shard_name(shard_id)}.parquet") as f:
             pq.write_table(shard, f)
-    record = {"identity": identity, "rows": table.num_rows, "shards": len(shards),
-              "number_sample_per_shard": int(cfg["number_sample_per_shard"])}
+    record = {
+        "identity": identity,
+        "rows": table.num_rows,
+        "shards": len(shards),
+        "number_sample_per_shard": int(cfg["number_sample_per_shard"]),
+    }
     plan_dir.write_json("plan.json", record)  # last: a plan.json means every shard input is there
     return record
 
@@ -76,8 +110,11 @@ def _run_shards(cfg: dict, settings: dict, jobs: list[tuple[int, str]], rows: in
     items = [{"shard_id": shard_id, "mode": mode} for shard_id, mode in jobs]
     size = actor_count(cfg["processes"], len(items))
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ShardCrawler, fn_constructor_kwargs={"settings": settings}, batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=size), num_cpus=1,
+        ShardCrawler,
+        fn_constructor_kwargs={"settings": settings},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=size),
+        num_cpus=1,
     )
     results = []
     unit = "url" if rows else "shard"
@@ -111,7 +148,9 @@ def totals(out: Location, shards: int) -> tuple[dict, dict[str, str]]:
             merged = counts["reasons"].setdefault(status, {})
             for reason, n in reasons.items():
                 merged[reason] = merged.get(reason, 0) + n
-    counts["reasons"] = {s: dict(sorted(r.items(), key=lambda kv: (-kv[1], kv[0]))) for s, r in counts["reasons"].items()}
+    counts["reasons"] = {
+        s: dict(sorted(r.items(), key=lambda kv: (-kv[1], kv[0]))) for s, r in counts["reasons"].items()
+    }
     return counts, file_hashes
 
 
@@ -144,7 +183,9 @@ def crawl(cfg: DictConfig | dict) -> dict:
     crawled: list[dict] = []
     if todo:
         out.remove(MANIFEST)
-        rows = sum(min(record["number_sample_per_shard"], record["rows"] - i * record["number_sample_per_shard"]) for i in todo)
+        rows = sum(
+            min(record["number_sample_per_shard"], record["rows"] - i * record["number_sample_per_shard"]) for i in todo
+        )
         resumed = shards - len(todo)
         desc = f"crawl ({resumed} of {shards} shards already done)" if resumed else "crawl"
         crawled = _run_shards(cfg, settings, [(i, "crawl") for i in todo], rows, desc)
@@ -166,8 +207,17 @@ def crawl(cfg: DictConfig | dict) -> dict:
         "successes_this_run": sum(r["successes"] for r in crawled),
         "crawl_seconds": round(crawl_seconds, 3),
     }
-    manifest = write_manifest(out, "crawl", cfg, counts, file_hashes, started, identity=identity,
-                              input_fingerprint=input_fingerprint, last_run=run)
+    manifest = write_manifest(
+        out,
+        "crawl",
+        cfg,
+        counts,
+        file_hashes,
+        started,
+        identity=identity,
+        input_fingerprint=input_fingerprint,
+        last_run=run,
+    )
     print(summary(counts, run))
     return manifest
 

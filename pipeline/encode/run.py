@@ -42,9 +42,9 @@ class ShardEncoder:
     def __init__(self, cfg: dict):
         import torch
 
+        from training.data.transforms import EvalTransform
         from training.diffusion.autoencoder import SYMMETRIC_MEAN, SYMMETRIC_STD, load_vae
         from training.diffusion.unet import load_text_encoder
-        from training.data.transforms import EvalTransform
 
         torch.set_num_threads(max(1, int(cfg.get("threads_per_actor") or 1)))
         self.cfg, self.torch = cfg, torch
@@ -70,8 +70,12 @@ class ShardEncoder:
             moments = self.vae.encode(self.torch.stack([i["pixels"] for i in items])).latent_dist.parameters
             states = encode_text(self.text_encoder, self.tokenizer, [i["caption"] for i in items])
         for item, latent, text in zip(items, moments.numpy(), states.numpy()):
-            sample = {"__key__": item["key"], "txt": item["caption"].encode(), "latent.npy": _npy(latent.astype(self.dtype)),
-                      "text.npy": _npy(text.astype(self.dtype))}
+            sample = {
+                "__key__": item["key"],
+                "txt": item["caption"].encode(),
+                "latent.npy": _npy(latent.astype(self.dtype)),
+                "text.npy": _npy(text.astype(self.dtype)),
+            }
             if self.cfg["keep_images"]:
                 sample[item["ext"]] = item["bytes"]
             writer.add(sample)
@@ -133,8 +137,9 @@ def encode(cfg: DictConfig | dict) -> dict:
     source, out = Location(cfg["input"]), Location(cfg["output"])
     shards = _input_shards(source)
     source_hash = source.read_json(MANIFEST)["content_hash"] if source.exists(MANIFEST) else None
-    identity = config_fingerprint({"config": {k: v for k, v in cfg.items() if k not in RUN_ONLY}, "input": source_hash,
-                                   "shards": shards})
+    identity = config_fingerprint(
+        {"config": {k: v for k, v in cfg.items() if k not in RUN_ONLY}, "input": source_hash, "shards": shards}
+    )
     out.makedirs()
     if out.exists(MANIFEST) and out.read_json(MANIFEST).get("identity") == identity:
         manifest = out.read_json(MANIFEST)
@@ -149,16 +154,30 @@ def encode(cfg: DictConfig | dict) -> dict:
         _run(cfg, todo, sum(shards[n] or 0 for n in todo) or None)
     done = [out.read_json(f"{DONE_DIR}/{n}.json") for n in shards]
     errors = [e for d in done for e in d["errors"]]
-    out.write_parquet("errors.parquet", pa.Table.from_pylist(
-        errors, schema=pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])))
+    out.write_parquet(
+        "errors.parquet",
+        pa.Table.from_pylist(
+            errors, schema=pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
+        ),
+    )
     out.write_json("sizes.json", {d["shard"]: d["samples"] for d in done})
     samples = sum(d["samples"] for d in done)
     counts = {"samples": samples, "errors": len(errors), "shards": len(done)}
-    manifest = write_manifest(out, "encode", cfg, counts, {d["shard"]: d["sha256"] for d in done}, started,
-                              identity=identity, input_content_hash=source_hash)
+    manifest = write_manifest(
+        out,
+        "encode",
+        cfg,
+        counts,
+        {d["shard"]: d["sha256"] for d in done},
+        started,
+        identity=identity,
+        input_content_hash=source_hash,
+    )
     out.remove(DONE_DIR)  # after the manifest: a rerun finds the manifest and does nothing
-    print(f"encode summary: {samples} samples encoded, {len(errors)} unreadable (errors.parquet), "
-          f"{len(done)} shards → {out.url} in {time.time() - started:.1f} s")
+    print(
+        f"encode summary: {samples} samples encoded, {len(errors)} unreadable (errors.parquet), "
+        f"{len(done)} shards → {out.url} in {time.time() - started:.1f} s"
+    )
     return manifest
 
 
@@ -168,8 +187,12 @@ def _run(cfg: dict, todo: list[str], samples: int | None) -> None:
     init_ray(cfg["ray"]["num_cpus"])
     quiet_ray_data()
     dataset = ray.data.from_items([{"shard": n} for n in todo], override_num_blocks=len(todo)).map_batches(
-        ShardEncoder, fn_constructor_kwargs={"cfg": cfg}, batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=actor_count(cfg["processes"], len(todo))), num_cpus=1)
+        ShardEncoder,
+        fn_constructor_kwargs={"cfg": cfg},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=actor_count(cfg["processes"], len(todo))),
+        num_cpus=1,
+    )
     with tqdm(total=samples, desc="encode", unit="sample", disable=not cfg["progress"], smoothing=0) as bar:
         for row in dataset.iter_rows():
             bar.update(json.loads(row["result"])["samples"])

@@ -111,5 +111,6 @@ def export_eval_set(cfg: DictConfig | dict) -> dict:
         f.write("\n".join(templates) + "\n")
     counts = {"samples": count, "classes": len(classnames), "per_class": dict(zip(classnames, per_class))}
     manifest = write_manifest(out, "eval_set", cfg, counts, hashes, started)
-    print(f"eval set: {count} samples, {len(classnames)} classes ({', '.join(f'{c} {n}' for c, n in counts['per_class'].items())}) → {out.url}")
+    per_class = ", ".join(f"{c} {n}" for c, n in counts["per_class"].items())
+    print(f"eval set: {count} samples, {len(classnames)} classes ({per_class}) → {out.url}")
     return manifest

@@ -61,8 +61,9 @@ def _lsh_pairs(words: np.ndarray, t: int, tables: int, bits_per_table: int, seed
             yield np.minimum(a, b)[close], np.maximum(a, b)[close]
 
 
-def near_duplicate_groups(hex_hashes, max_distance: int, exact_below: int = 10000, tables: int = 40,
-                          bits_per_table: int = 20, seed: int = 0) -> np.ndarray:
+def near_duplicate_groups(
+    hex_hashes, max_distance: int, exact_below: int = 10000, tables: int = 40, bits_per_table: int = 20, seed: int = 0
+) -> np.ndarray:
     """A group label per row; rows whose hash is null form groups of their own."""
     hex_hashes = np.asarray(hex_hashes, dtype=object)
     present = np.array([isinstance(h, str) for h in hex_hashes])
@@ -73,8 +74,11 @@ def near_duplicate_groups(hex_hashes, max_distance: int, exact_below: int = 1000
     # Identical hashes first: one representative each, so a thousand copies do not make a million pairs.
     unique, first_row, inverse = np.unique(hex_hashes[rows].astype(str), return_index=True, return_inverse=True)
     words = hashes_to_words(list(unique))
-    pairs = (_exact_pairs(words, max_distance) if len(unique) < exact_below
-             else _lsh_pairs(words, max_distance, tables, bits_per_table, seed))
+    pairs = (
+        _exact_pairs(words, max_distance)
+        if len(unique) < exact_below
+        else _lsh_pairs(words, max_distance, tables, bits_per_table, seed)
+    )
     found = list(pairs)
     a = np.concatenate([p[0] for p in found]) if found else np.zeros(0, int)
     b = np.concatenate([p[1] for p in found]) if found else np.zeros(0, int)

@@ -49,11 +49,19 @@ def log_filter(manifest: dict, chart: bytes, table_text: str) -> None:
         for i, step in enumerate(manifest["funnel"]):
             mlflow.log_metric(f"funnel_left.{step['step']}", step["left"], step=i)
         mlflow.log_metrics({"filter.rows": manifest["counts"]["rows"], "filter.kept": manifest["counts"]["kept"]})
-        mlflow.log_table({"step": [s["step"] for s in manifest["funnel"]], "dropped": [s["dropped"] for s in manifest["funnel"]],
-                          "left": [s["left"] for s in manifest["funnel"]]}, "filter/funnel.json")
+        mlflow.log_table(
+            {
+                "step": [s["step"] for s in manifest["funnel"]],
+                "dropped": [s["dropped"] for s in manifest["funnel"]],
+                "left": [s["left"] for s in manifest["funnel"]],
+            },
+            "filter/funnel.json",
+        )
         mlflow.log_image(_png(chart), "filter/funnel.png")
         mlflow.log_text(table_text, "filter/funnel.txt")
-        mlflow.set_tags({"data.meta_hash": manifest["input_content_hash"], "data.selection_hash": manifest["content_hash"]})
+        mlflow.set_tags(
+            {"data.meta_hash": manifest["input_content_hash"], "data.selection_hash": manifest["content_hash"]}
+        )
 
     if mlflow.active_run() is None:
         with mlflow_run("filter", config=manifest["config"], tags={"pixelmill.stage": "filter"}):

@@ -114,7 +114,14 @@ class NearDuplicate(Rule):
     kind = "set"
     columns = ("dhash",)
 
-    def __init__(self, max_distance: int = 20, exact_below: int = 10000, tables: int = 40, bits_per_table: int = 20, seed: int = 0):
+    def __init__(
+        self,
+        max_distance: int = 20,
+        exact_below: int = 10000,
+        tables: int = 40,
+        bits_per_table: int = 20,
+        seed: int = 0,
+    ):
         self.max_distance = int(max_distance)
         self.options = {"exact_below": exact_below, "tables": tables, "bits_per_table": bits_per_table, "seed": seed}
 

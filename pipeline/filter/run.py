@@ -42,12 +42,16 @@ def build_rules(filter_cfg: dict) -> list[tuple[str, object]]:
 def read_metadata(location: Location, columns: list[str]) -> dict[str, np.ndarray]:
     names = [n for n in location.listdir() if n.endswith(".parquet") and not n.startswith("_")]
     if not names:
-        raise StageError(f"input {location.url} holds no metadata parquet files; expected the output of pipeline.annotate")
+        raise StageError(
+            f"input {location.url} holds no metadata parquet files; expected the output of pipeline.annotate"
+        )
     dataset = ds.dataset([location.path(n) for n in names], format="parquet", filesystem=location.fs)
     missing = [c for c in columns if c not in dataset.schema.names]
     if missing:
-        raise StageError(f"the rules need column(s) {missing}, which {location.url} lacks"
-                         + ("; annotate with clip=<CLIP folder> for clip_score" if "clip_score" in missing else ""))
+        raise StageError(
+            f"the rules need column(s) {missing}, which {location.url} lacks"
+            + ("; annotate with clip=<CLIP folder> for clip_score" if "clip_score" in missing else "")
+        )
     table = dataset.to_table(columns=columns).sort_by("key")
     meta = {}
     for name in columns:
@@ -65,7 +69,10 @@ def apply_rules(meta: dict[str, np.ndarray], rules) -> tuple[np.ndarray, list[di
     reason = np.full(n, None, dtype=object)
     unreadable = np.array([isinstance(e, str) for e in meta["error"]])
     reason[unreadable] = UNREADABLE
-    funnel = [{"step": "input", "dropped": 0, "left": n}, {"step": UNREADABLE, "dropped": int(unreadable.sum()), "left": int(n - unreadable.sum())}]
+    funnel = [
+        {"step": "input", "dropped": 0, "left": n},
+        {"step": UNREADABLE, "dropped": int(unreadable.sum()), "left": int(n - unreadable.sum())},
+    ]
     for name, rule in rules:
         alive = reason == None  # noqa: E711 (elementwise)
         dropped = rule.drop(meta, alive) & alive
@@ -93,8 +100,14 @@ def filter_samples(cfg: DictConfig | dict) -> dict:
     reason, funnel = apply_rules(meta, rules)
     out.makedirs()
     out.remove(MANIFEST)
-    selection = pa.table({"key": meta["key"].astype(str), "shard": meta["shard"].astype(str),
-                          "keep": pa.array(reason == None), "reason": pa.array(reason.tolist(), pa.string())})  # noqa: E711
+    selection = pa.table(
+        {
+            "key": meta["key"].astype(str),
+            "shard": meta["shard"].astype(str),
+            "keep": pa.array(reason == None),  # noqa: E711  (elementwise on a numpy array)
+            "reason": pa.array(reason.tolist(), pa.string()),
+        }
+    )  # noqa: E711
     hashes = {SELECTION: out.write_parquet(SELECTION, selection)}
     table_text = funnel_table(funnel)
     with out.open_atomic("funnel.txt", "w") as f:
@@ -102,12 +115,15 @@ def filter_samples(cfg: DictConfig | dict) -> dict:
     chart = funnel_chart(funnel, title=os.path.basename(out.url.rstrip("/")))
     with out.open_atomic("funnel.png") as f:
         f.write(chart)
-    counts = {"rows": len(reason), "kept": int((reason == None).sum()),  # noqa: E711
-              "dropped": {s["step"]: s["dropped"] for s in funnel[1:] if s["dropped"]}}
-    manifest = write_manifest(out, "filter", cfg, counts, hashes, started, identity=identity,
-                              input_content_hash=input_hash, funnel=funnel)
+    counts = {
+        "rows": len(reason),
+        "kept": int((reason == None).sum()),  # noqa: E711
+        "dropped": {s["step"]: s["dropped"] for s in funnel[1:] if s["dropped"]},
+    }
+    manifest = write_manifest(
+        out, "filter", cfg, counts, hashes, started, identity=identity, input_content_hash=input_hash, funnel=funnel
+    )
     print(f"filter funnel ({meta_dir.url} → {out.url}):\n{table_text}")
     if cfg.get("tracking", True):
         log_filter(manifest, chart, table_text)
     return manifest
-

@@ -31,7 +31,9 @@ RUN_ONLY = {"input", "selection", "output", "processes", "overwrite", "progress"
 def _selected(selection: Location) -> tuple[pa.Table, str]:
     if not selection.exists(MANIFEST):
         raise StageError(f"selection {selection.url} has no manifest.json: the filter has not finished there")
-    table = pq.read_table(selection.path("selection.parquet"), columns=["key", "shard", "keep"], filesystem=selection.fs)
+    table = pq.read_table(
+        selection.path("selection.parquet"), columns=["key", "shard", "keep"], filesystem=selection.fs
+    )
     kept = table.filter(table["keep"]).drop_columns(["keep"]).sort_by("key")
     return kept, selection.read_json(MANIFEST)["content_hash"]
 
@@ -63,7 +65,9 @@ def _plan(cfg: dict, out: Location, raw: Location, kept: pa.Table, identity: str
     members = index.filter(pc.is_in(index["key"], value_set=pa.array(kept["key"].to_pylist(), pa.string())))
     missing = n - len(set(members["key"].to_pylist()))
     if missing:
-        raise StageError(f"{missing} selected samples are not in the raw shards of {raw.url}; was the selection made from them?")
+        raise StageError(
+            f"{missing} selected samples are not in the raw shards of {raw.url}; was the selection made from them?"
+        )
     out.write_parquet(f"{PLAN_DIR}/assignment.parquet", assignment)
     out.write_parquet(f"{PLAN_DIR}/members.parquet", members)
     record = {"identity": identity, "samples": n, "shards": (n + per - 1) // per}
@@ -77,8 +81,11 @@ def _write_shards(cfg: dict, todo: list[int], samples: int) -> None:
     init_ray(cfg["ray"]["num_cpus"])
     quiet_ray_data()
     dataset = ray.data.from_items([{"index": i} for i in todo], override_num_blocks=len(todo)).map_batches(
-        TrainingShardWriter, fn_constructor_kwargs={"raw_url": cfg["input"], "output_url": cfg["output"]},
-        batch_size=1, compute=ray.data.ActorPoolStrategy(size=actor_count(cfg["processes"], len(todo))), num_cpus=1,
+        TrainingShardWriter,
+        fn_constructor_kwargs={"raw_url": cfg["input"], "output_url": cfg["output"]},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=actor_count(cfg["processes"], len(todo))),
+        num_cpus=1,
     )
     with tqdm(total=samples, desc="shard", unit="sample", disable=not cfg["progress"], smoothing=0) as bar:
         for row in dataset.iter_rows():
@@ -97,8 +104,9 @@ def shard(cfg: DictConfig | dict) -> dict:
     raw, out = Location(cfg["input"]), Location(cfg["output"])
     kept, selection_hash = _selected(Location(cfg["selection"]))
     raw_hash = raw.read_json(MANIFEST)["content_hash"] if raw.exists(MANIFEST) else None
-    identity = config_fingerprint({"config": {k: v for k, v in cfg.items() if k not in RUN_ONLY},
-                                   "selection": selection_hash, "raw": raw_hash})
+    identity = config_fingerprint(
+        {"config": {k: v for k, v in cfg.items() if k not in RUN_ONLY}, "selection": selection_hash, "raw": raw_hash}
+    )
     out.makedirs()
     if out.exists(MANIFEST) and out.read_json(MANIFEST).get("identity") == identity:
         manifest = out.read_json(MANIFEST)
@@ -117,8 +125,17 @@ def shard(cfg: DictConfig | dict) -> dict:
         raise RuntimeError(f"shards in {out.url} hold {sum(sizes.values())} samples; the plan has {record['samples']}")
     out.write_json("sizes.json", sizes)
     counts = {"samples": record["samples"], "shards": record["shards"], "samples_per_shard": per}
-    manifest = write_manifest(out, "shard", cfg, counts, {output_name(d["index"]): d["sha256"] for d in done}, started,
-                              identity=identity, selection_content_hash=selection_hash, raw_content_hash=raw_hash)
+    manifest = write_manifest(
+        out,
+        "shard",
+        cfg,
+        counts,
+        {output_name(d["index"]): d["sha256"] for d in done},
+        started,
+        identity=identity,
+        selection_content_hash=selection_hash,
+        raw_content_hash=raw_hash,
+    )
     out.remove(PLAN_DIR)  # after the manifest: a rerun finds the manifest and does nothing
     print(f"shard summary: {record['samples']} samples in {record['shards']} tars of up to {per} → {out.url}")
     return manifest

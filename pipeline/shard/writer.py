@@ -40,7 +40,7 @@ class TrainingShardWriter:
     def write(self, index: int) -> dict:
         keys = self.assignment.filter(self.assignment["out_shard"].to_numpy() == index).column("key").to_pylist()
         # Read in raw-tar order (one open file per raw tar, forward seeks), write in shuffled order.
-        wanted = sorted(((m[0], m[2], key, m[1], m[3]) for key in keys for m in self.members[key]))
+        wanted = sorted((m[0], m[2], key, m[1], m[3]) for key in keys for m in self.members[key])
         data: dict[str, dict] = {key: {"__key__": key} for key in keys}
         handle, current = None, None
         try:

@@ -113,8 +113,9 @@ def render(scene: dict, vocab: Vocabulary, size: int) -> Image.Image:
     draw = ImageDraw.Draw(image)
     radius = vocab.sizes[scene["size"]] * size
     if scene["kind"] == "group":
-        centres, radius = _group_centres(REGIONS[scene["position"]], scene["count"], radius, size, rng,
-                                         REACH.get(scene["shape"], 1.0))
+        centres, radius = _group_centres(
+            REGIONS[scene["position"]], scene["count"], radius, size, rng, REACH.get(scene["shape"], 1.0)
+        )
         for cx, cy in centres:
             _draw(draw, scene["shape"], vocab.colours[scene["colour"]], cx, cy, radius)
         return image

@@ -37,7 +37,7 @@ class Vocabulary:
     backgrounds: tuple[str, ...]
 
     @classmethod
-    def from_config(cls, cfg) -> "Vocabulary":
+    def from_config(cls, cfg) -> Vocabulary:
         return cls(
             shapes=tuple(cfg["shapes"]),
             colours={name: tuple(int(c) for c in rgb) for name, rgb in cfg["colours"].items()},

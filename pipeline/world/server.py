@@ -52,14 +52,14 @@ class WorldServer:
         try:
             row = int(request.match_info["row"])
         except ValueError:
-            raise web.HTTPNotFound()
+            raise web.HTTPNotFound() from None
         if not 0 <= row < self.world.n:
-            raise web.HTTPNotFound()
+            raise web.HTTPNotFound() from None
         cfg = self.world.cfg
         if cfg.get("latency"):
             await asyncio.sleep(float(cfg["latency"]))
         if kind == "http_404":
-            raise web.HTTPNotFound()
+            raise web.HTTPNotFound() from None
         if kind == "http_500":
             raise web.HTTPInternalServerError()
         if kind == "flaky" and self.requests[request.path] <= int(cfg["flaky_failures"]):
@@ -119,7 +119,7 @@ class WorldServer:
         await site.start()
         self.port = self._runner.addresses[0][1]
 
-    def start(self) -> "WorldServer":
+    def start(self) -> WorldServer:
         """Serve from a background thread; returns once the port is bound."""
         ready = threading.Event()
         errors: list[BaseException] = []
@@ -150,7 +150,7 @@ class WorldServer:
         self._thread.join(timeout=10)
         self._loop = None
 
-    def __enter__(self) -> "WorldServer":
+    def __enter__(self) -> WorldServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

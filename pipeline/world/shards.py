@@ -16,8 +16,9 @@ from pipeline.world.scene import Vocabulary, caption, sample_scene
 DEFAULT_WORLD = Path(__file__).resolve().parents[2] / "conf" / "world" / "default.yaml"
 
 
-def write_world_shards(folder, n: int, per_shard: int, image_size: int = 48, first_index: int = 0,
-                       corrupt: tuple[int, ...] = (), **world) -> str:
+def write_world_shards(
+    folder, n: int, per_shard: int, image_size: int = 48, first_index: int = 0, corrupt: tuple[int, ...] = (), **world
+) -> str:
     """Training shards straight from the world's scenes (no crawl): `{key}.jpg` + `{key}.txt`, keys numbered
     from `first_index`, and `sizes.json`. Samples whose number is in `corrupt` get truncated JPEG bytes."""
     cfg = OmegaConf.load(DEFAULT_WORLD)

@@ -10,8 +10,11 @@ import pyarrow.parquet as pq
 
 def raw_rows(raw_dir: str) -> list[dict]:
     """A crawl's rows in input order (keys follow input positions), so row i is ground-truth row i."""
-    return [r for path in sorted(glob.glob(os.path.join(raw_dir, "0*.parquet")))
-            for r in pq.read_table(path, columns=["key", "url", "status", "reason"]).to_pylist()]
+    return [
+        r
+        for path in sorted(glob.glob(os.path.join(raw_dir, "0*.parquet")))
+        for r in pq.read_table(path, columns=["key", "url", "status", "reason"]).to_pylist()
+    ]
 
 
 def crawl_agreement(truth_path: str, raw_dir: str) -> tuple[int, int]:
@@ -52,5 +55,9 @@ def mismatch_scores(truth_path: str, raw_dir: str, selection_dir: str, rule: str
     reached = [s for s in selection if s["reason"] in (None, rule)]
     mismatched = [s for s in reached if fault_of_key[s["key"]] == "caption_mismatch"]
     clean = [s for s in reached if fault_of_key[s["key"]] != "caption_mismatch"]
-    return {"mismatched": len(mismatched), "mismatched_removed": sum(s["reason"] == rule for s in mismatched),
-            "clean": len(clean), "clean_kept": sum(s["reason"] is None for s in clean)}
+    return {
+        "mismatched": len(mismatched),
+        "mismatched_removed": sum(s["reason"] == rule for s in mismatched),
+        "clean": len(clean),
+        "clean_kept": sum(s["reason"] is None for s in clean),
+    }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 import random
-from functools import lru_cache
+from functools import cache
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -68,7 +68,9 @@ class World:
         rng = random.Random(f"{self.cfg['seed']}:faults")
         counts = {f: max(1, round(float(x) * self.n)) for f, x in self.cfg["faults"].items() if float(x) > 0}
         if sum(counts.values()) > self.n // 2:
-            raise ValueError(f"world.faults ask for {sum(counts.values())} faulty rows of n={self.n}; keep them under half")
+            raise ValueError(
+                f"world.faults ask for {sum(counts.values())} faulty rows of n={self.n}; keep them under half"
+            )
         # Rows that point back at a source need a clean row before them, so they come from the later half.
         late = list(range(self.n // 2, self.n))
         rng.shuffle(late)
@@ -132,7 +134,7 @@ class World:
         raise RuntimeError("no mismatched scene found")
 
     # -- the bytes -----------------------------------------------------------------------------------
-    @lru_cache(maxsize=None)
+    @cache  # noqa: B019  (one World per server, alive as long as it serves: the cache is the point)
     def image_bytes(self, index: int) -> bytes:
         return encode_jpeg(render(self.scene(index), self.vocab, self.size), self.quality)
 

@@ -18,7 +18,9 @@ def gather_clip(trainer: pl.Trainer, pl_module: pl.LightningModule) -> CLIPModel
     whole = full_state_dict(pl_module.net)  # on rank 0 only: the others get an empty dict
     if not trainer.is_global_zero:
         return None
-    state = ContrastiveClip.export_state({k.removeprefix("clip."): v for k, v in whole.items() if k.startswith("clip.")})
+    state = ContrastiveClip.export_state(
+        {k.removeprefix("clip."): v for k, v in whole.items() if k.startswith("clip.")}
+    )
     fresh = CLIPModel(config)  # on CPU, not meta: non-persistent buffers (position ids) are not in `state`
     fresh.load_state_dict(state)
     return fresh.eval()

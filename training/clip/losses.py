@@ -45,8 +45,9 @@ class ClipLoss(nn.Module):
         self.local_loss, self.gather_with_grad = bool(local_loss), bool(gather_with_grad)
         self.max_log_scale = float(torch.log(torch.tensor(max_logit_scale)))
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         rank, world = _world()
         scale = logit_scale.clamp(max=self.max_log_scale).exp()
         all_image = gather_features(image, self.gather_with_grad)
@@ -67,16 +68,22 @@ class SigLipLoss(nn.Module):
     elsewhere: loss = −Σ_ij log σ(z_ij · (t · x_i·y_j + b)) / N. Each rank scores its own images against all
     texts and divides by its own batch; the mean over ranks (what DDP's gradient average takes) is the loss."""
 
-    def __init__(self, gather_with_grad: bool = True, max_logit_scale: float = 100.0,
-                 init_logit_scale: float = 2.302585, init_logit_bias: float = -10.0):
+    def __init__(
+        self,
+        gather_with_grad: bool = True,
+        max_logit_scale: float = 100.0,
+        init_logit_scale: float = 2.302585,
+        init_logit_bias: float = -10.0,
+    ):
         super().__init__()
         self.gather_with_grad = bool(gather_with_grad)
         # The paper's start (t = 10, b = −10): a fresh model gets these parameters; a loaded one keeps its t.
         self.init_logit_scale, self.init_logit_bias = float(init_logit_scale), float(init_logit_bias)
         self.max_log_scale = float(torch.log(torch.tensor(max_logit_scale)))
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         rank, _ = _world()
         all_text = gather_features(text, self.gather_with_grad)
         logits = logit_scale.clamp(max=self.max_log_scale).exp() * image @ all_text.T  # (N_local, N)

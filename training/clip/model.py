@@ -18,14 +18,27 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def build_clip(tokenizer, *, projection_dim: int, image_size: int, patch_size: int, vision: dict, text: dict,
-               logit_scale_init: float = 2.6592) -> CLIPModel:
+def build_clip(
+    tokenizer,
+    *,
+    projection_dim: int,
+    image_size: int,
+    patch_size: int,
+    vision: dict,
+    text: dict,
+    logit_scale_init: float = 2.6592,
+) -> CLIPModel:
     """A fresh CLIPModel whose text side matches `tokenizer` (vocabulary, special ids, context length)."""
     text = dict(text)
     text.setdefault("max_position_embeddings", tokenizer.model_max_length)
     config = CLIPConfig(
-        text_config={**text, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
+        text_config={
+            **text,
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
         vision_config={**dict(vision), "image_size": image_size, "patch_size": patch_size},
         projection_dim=projection_dim,
         logit_scale_init_value=logit_scale_init,
@@ -35,8 +48,12 @@ def build_clip(tokenizer, *, projection_dim: int, image_size: int, patch_size: i
 
 def image_processor_for(image_size: int, mean=CLIP_MEAN, std=CLIP_STD) -> CLIPImageProcessorPil:
     """Resize the short side, centre-crop, normalise: what CLIP folders on the Hub declare."""
-    return CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                                 image_mean=list(mean), image_std=list(std))
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(mean),
+        image_std=list(std),
+    )
 
 
 @dataclass

@@ -18,11 +18,22 @@ from training.clip.model import ContrastiveClip
 from training.parallelize import parallelize
 from training.task_module import TaskModule, decay_groups
 
+
 class ClipTraining(TaskModule):
-    def __init__(self, model: ContrastiveClip, loss: nn.Module, optimizer: Callable, weight_decay: float = 0.2,
-                 warmup_steps: int = 100, min_lr_ratio: float = 0.0, grad_clip: float | None = 1.0,
-                 gradient_checkpointing: bool = False, compile: bool = False, fsdp_param_dtype: str | None = None,
-                 max_logit_scale: float = 100.0):
+    def __init__(
+        self,
+        model: ContrastiveClip,
+        loss: nn.Module,
+        optimizer: Callable,
+        weight_decay: float = 0.2,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.0,
+        grad_clip: float | None = 1.0,
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
+        fsdp_param_dtype: str | None = None,
+        max_logit_scale: float = 100.0,
+    ):
         super().__init__()
         self.net, self.loss = model, loss
         self.optimizer_factory, self.weight_decay = optimizer, float(weight_decay)
@@ -39,8 +50,14 @@ class ClipTraining(TaskModule):
         if self._prepared:
             return
         self._prepared = True
-        parallelize(self.net, list(self.net.clip._no_split_modules), checkpointing=self.gradient_checkpointing,
-                    compile=self.compile_blocks, mesh=self.fsdp_mesh(), param_dtype=self.fsdp_param_dtype)
+        parallelize(
+            self.net,
+            list(self.net.clip._no_split_modules),
+            checkpointing=self.gradient_checkpointing,
+            compile=self.compile_blocks,
+            mesh=self.fsdp_mesh(),
+            param_dtype=self.fsdp_param_dtype,
+        )
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(decay_groups(self.net, self.weight_decay))
@@ -48,7 +65,9 @@ class ClipTraining(TaskModule):
 
     # --- steps ------------------------------------------------------------------------------------------
     def _features(self, batch):
-        image, text, logit_scale, logit_bias = self.net(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        image, text, logit_scale, logit_bias = self.net(
+            batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+        )
         # The loss in float32 whatever the autocast: log-softmax over thousands of logits needs it.
         return image.float(), text.float(), logit_scale.float(), None if logit_bias is None else logit_bias.float()
 
@@ -62,7 +81,9 @@ class ClipTraining(TaskModule):
         if logit_bias is not None:
             self.log("train/logit_bias", logit_bias.detach().squeeze(), batch_size=batch_size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
-        self.log("data/corrupt_skipped", float(self.corrupt_skipped), reduce_fx="sum", sync_dist=True, batch_size=batch_size)
+        self.log(
+            "data/corrupt_skipped", float(self.corrupt_skipped), reduce_fx="sum", sync_dist=True, batch_size=batch_size
+        )
         return loss
 
     def validation_step(self, batch, batch_idx):

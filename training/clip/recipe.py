@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -21,7 +23,9 @@ def build_clip_model(cfg: DictConfig, datamodule, output: str, loss) -> tuple[Co
         return ContrastiveClip(bundle.model.train(), logit_bias=bias), tokenizer
     tokenizer = prepare_tokenizer(cfg, datamodule, output)
     init_scale = getattr(loss, "init_logit_scale", None)
-    clip = instantiate(cfg.model, tokenizer=tokenizer, **({"logit_scale_init": init_scale} if init_scale is not None else {}))
+    clip = instantiate(
+        cfg.model, tokenizer=tokenizer, **({"logit_scale_init": init_scale} if init_scale is not None else {})
+    )
     return ContrastiveClip(clip, logit_bias=bias), tokenizer
 
 
@@ -31,5 +35,9 @@ def clip_recipe(cfg: DictConfig, datamodule, output: str) -> Recipe:
     config = model.clip.config
     datamodule.attach(tokenizer, config.vision_config.image_size, config.text_config.max_position_embeddings)
     export = os.path.join(output, "clip")
-    return Recipe(instantiate(cfg.module, model=model, loss=loss), [ExportClip(export, tokenizer)], export,
-                  ("train/loss", "val/loss", "val/image_to_text_r1", "val/text_to_image_r1", "data/corrupt_skipped"))
+    return Recipe(
+        instantiate(cfg.module, model=model, loss=loss),
+        [ExportClip(export, tokenizer)],
+        export,
+        ("train/loss", "val/loss", "val/image_to_text_r1", "val/text_to_image_r1", "data/corrupt_skipped"),
+    )

@@ -37,19 +37,45 @@ TOP_UP_PASSES = 3  # an exact-epoch slot short of its quota (corrupt samples) re
 class ShardStream(IterableDataset):
     """The batches of one rank for one epoch; each loader worker reads its own slot of the plan."""
 
-    def __init__(self, shards: ShardList, *, tokenizer, transform, batch_size: int, context_length: int | None, epoch: int,
-                 seed: int, rank: int, world: int, workers: int, resampled: bool, epoch_samples: int | None,
-                 skip_batches: int = 0, shuffle_buffer: int = 1000, shuffle_initial: int = 100,
-                 image_keys: str = "jpg;jpeg;png;webp", caption_key: str = "txt"):
+    def __init__(
+        self,
+        shards: ShardList,
+        *,
+        tokenizer,
+        transform,
+        batch_size: int,
+        context_length: int | None,
+        epoch: int,
+        seed: int,
+        rank: int,
+        world: int,
+        workers: int,
+        resampled: bool,
+        epoch_samples: int | None,
+        skip_batches: int = 0,
+        shuffle_buffer: int = 1000,
+        shuffle_initial: int = 100,
+        image_keys: str = "jpg;jpeg;png;webp",
+        caption_key: str = "txt",
+    ):
         super().__init__()
         self.tokenizer, self.transform = tokenizer, transform
         self.batch_size, self.context_length = int(batch_size), context_length
         self.seed, self.epoch, self.resampled = int(seed), int(epoch), bool(resampled)
         self.shuffle_buffer, self.shuffle_initial = int(shuffle_buffer), int(shuffle_initial)
         self.image_keys, self.caption_key = image_keys.split(";"), caption_key
-        self.plans = plan_epoch(shards, epoch=epoch, seed=seed, rank=rank, world=world, workers=workers,
-                                batch_size=self.batch_size, resampled=resampled, epoch_samples=epoch_samples,
-                                skip_batches=skip_batches)
+        self.plans = plan_epoch(
+            shards,
+            epoch=epoch,
+            seed=seed,
+            rank=rank,
+            world=world,
+            workers=workers,
+            batch_size=self.batch_size,
+            resampled=resampled,
+            epoch_samples=epoch_samples,
+            skip_batches=skip_batches,
+        )
 
     def __len__(self) -> int:
         """Batches in the whole epoch, including any a resumed run skips (Lightning counts those as done)."""
@@ -81,7 +107,9 @@ class ShardStream(IterableDataset):
         else:
             # Each pass is shuffled on its own, so a top-up pass (only reached when corrupt samples left the
             # slot short) never mixes into the first.
-            samples = itertools.chain.from_iterable(self._read(plan, plan.urls, plan.seed + p) for p in range(TOP_UP_PASSES))
+            samples = itertools.chain.from_iterable(
+                self._read(plan, plan.urls, plan.seed + p) for p in range(TOP_UP_PASSES)
+            )
         # A resumed run skips what it trained, before any decoding: the stream is a function of the plan.
         samples = itertools.islice(samples, plan.skip_batches * self.batch_size, None)
         self._corrupt = 0
@@ -98,8 +126,12 @@ class ShardStream(IterableDataset):
         try:
             caption = sample[self.caption_key].decode("utf-8").strip()
             if LATENT_KEY in sample:
-                return {"key": key, "caption": caption, "latent_moments": _array(sample[LATENT_KEY]),
-                        "text_states": _array(sample[TEXT_STATES_KEY])}
+                return {
+                    "key": key,
+                    "caption": caption,
+                    "latent_moments": _array(sample[LATENT_KEY]),
+                    "text_states": _array(sample[TEXT_STATES_KEY]),
+                }
             data = next(sample[k] for k in self.image_keys if k in sample)
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
@@ -119,8 +151,9 @@ class ShardStream(IterableDataset):
             if name in samples[0]:
                 batch["pixel_values" if name == "pixels" else name] = torch.stack([s[name] for s in samples])
         if self.tokenizer is not None:
-            tokens = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.context_length,
-                                    return_tensors="pt")
+            tokens = self.tokenizer(
+                captions, padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
+            )
             batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
         return batch
 
@@ -148,8 +181,14 @@ class EpochLoader:
         stream = self._stream()
         self.datamodule.started_epoch(self.train, stream)
         workers = self.datamodule.num_workers
-        yield from DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
-                              pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
+        yield from DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=4 if workers else None,
+        )
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -157,11 +196,23 @@ class ShardDataModule(pl.LightningDataModule):
     `epoch_samples` samples over all ranks (default: the training shards' size). `attach` gives it the
     tokenizer (None: captions stay text), image size and pixel normalisation once the model is known."""
 
-    def __init__(self, path: str, batch_size: int = 64, num_workers: int = 2, val_path: str | None = None,
-                 val_shards: int = 0, resampled: bool = False, epoch_samples: int | None = None,
-                 shuffle_buffer: int = 1000, shuffle_initial: int = 100, seed: int = 0,
-                 crop_scale: tuple = (0.9, 1.0), flip: bool = False, image_keys: str = "jpg;jpeg;png;webp",
-                 caption_key: str = "txt"):
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        val_path: str | None = None,
+        val_shards: int = 0,
+        resampled: bool = False,
+        epoch_samples: int | None = None,
+        shuffle_buffer: int = 1000,
+        shuffle_initial: int = 100,
+        seed: int = 0,
+        crop_scale: tuple = (0.9, 1.0),
+        flip: bool = False,
+        image_keys: str = "jpg;jpeg;png;webp",
+        caption_key: str = "txt",
+    ):
         super().__init__()
         self.path, self.val_path, self.val_shards = path, val_path, int(val_shards)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
@@ -204,11 +255,20 @@ class ShardDataModule(pl.LightningDataModule):
         self._require_attached()
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         skip = self._resume["batches"] if self._resume and self._resume["epoch"] == epoch else 0
-        return ShardStream(self.train_shards, transform=TrainTransform(self.image_size, scale=self.crop_scale, flip=self.flip,
-                                                                         mean=self.mean, std=self.std),
-                               batch_size=self.batch_size, epoch=epoch, resampled=self.resampled,
-                               epoch_samples=self.epoch_samples, skip_batches=skip, shuffle_buffer=self.shuffle_buffer,
-                               shuffle_initial=self.shuffle_initial, **self._common(rank, world, max(1, self.num_workers)))
+        return ShardStream(
+            self.train_shards,
+            transform=TrainTransform(
+                self.image_size, scale=self.crop_scale, flip=self.flip, mean=self.mean, std=self.std
+            ),
+            batch_size=self.batch_size,
+            epoch=epoch,
+            resampled=self.resampled,
+            epoch_samples=self.epoch_samples,
+            skip_batches=skip,
+            shuffle_buffer=self.shuffle_buffer,
+            shuffle_initial=self.shuffle_initial,
+            **self._common(rank, world, max(1, self.num_workers)),
+        )
 
     def preview(self, batches: int):
         """Up to `batches` unaugmented batches in this process, from the validation shards if there are any,
@@ -219,13 +279,28 @@ class ShardDataModule(pl.LightningDataModule):
         """Every sample once, in shard order, resized and centre-cropped (validation, measurements)."""
         self._require_attached()
         batch = max(1, min(self.batch_size, shards.samples // (world * workers)))
-        return ShardStream(shards, transform=EvalTransform(self.image_size, self.mean, self.std), batch_size=batch,
-                               epoch=0, resampled=False, epoch_samples=None, shuffle_buffer=0,
-                               **self._common(rank, world, workers))
+        return ShardStream(
+            shards,
+            transform=EvalTransform(self.image_size, self.mean, self.std),
+            batch_size=batch,
+            epoch=0,
+            resampled=False,
+            epoch_samples=None,
+            shuffle_buffer=0,
+            **self._common(rank, world, workers),
+        )
 
     def _common(self, rank: int, world: int, workers: int) -> dict:
-        return dict(tokenizer=self.tokenizer, context_length=self.context_length, seed=self.seed, rank=rank, world=world,
-                    workers=workers, image_keys=self.image_keys, caption_key=self.caption_key)
+        return dict(
+            tokenizer=self.tokenizer,
+            context_length=self.context_length,
+            seed=self.seed,
+            rank=rank,
+            world=world,
+            workers=workers,
+            image_keys=self.image_keys,
+            caption_key=self.caption_key,
+        )
 
     def _require_attached(self) -> None:
         if not self._attached:

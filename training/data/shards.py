@@ -59,7 +59,9 @@ def list_shards(path: str) -> ShardList:
         urls = sorted(expand_urls(path))
         sizes_file = os.path.join(os.path.dirname(urls[0]) if urls else "", "sizes.json")
     if not urls:
-        raise UserError(f"data path {path} holds no .tar shards; expected the output of pipeline.shard or a brace pattern")
+        raise UserError(
+            f"data path {path} holds no .tar shards; expected the output of pipeline.shard or a brace pattern"
+        )
     missing = [u for u in urls if not os.path.exists(u)]
     if missing:
         raise UserError(f"shard {missing[0]} does not exist ({len(missing)} missing)")
@@ -101,15 +103,26 @@ class SlotPlan:
     """What one (rank, worker) reads in one epoch."""
 
     urls: tuple[str, ...]
-    stride: int        # keep every stride-th sample (1: all) …
-    offset: int        # … starting at this one
-    batches: int       # batches it yields this epoch
+    stride: int  # keep every stride-th sample (1: all) …
+    offset: int  # … starting at this one
+    batches: int  # batches it yields this epoch
     skip_batches: int  # batches already trained before a resume, skipped unread
-    seed: int          # for its shard draws and shuffle buffer
+    seed: int  # for its shard draws and shuffle buffer
 
 
-def plan_epoch(shards: ShardList, *, epoch: int, seed: int, rank: int, world: int, workers: int, batch_size: int,
-               resampled: bool, epoch_samples: int | None, skip_batches: int = 0) -> list[SlotPlan]:
+def plan_epoch(
+    shards: ShardList,
+    *,
+    epoch: int,
+    seed: int,
+    rank: int,
+    world: int,
+    workers: int,
+    batch_size: int,
+    resampled: bool,
+    epoch_samples: int | None,
+    skip_batches: int = 0,
+) -> list[SlotPlan]:
     """The plan of every worker of `rank`; `batch_size` is per rank. Identical on every rank."""
     slots = world * workers
     budget = (epoch_samples if epoch_samples else shards.samples) // (batch_size * world)  # batches per rank
@@ -132,10 +145,17 @@ def plan_epoch(shards: ShardList, *, epoch: int, seed: int, rank: int, world: in
     quota = round_robin(per_worker[rank], epoch_batches)
     skip = min(skip_batches, epoch_batches)
     done = round_robin(quota, skip)
-    plans = [SlotPlan(urls=assignment[rank * workers + w], stride=stride, offset=rank * workers + w if stride > 1 else 0,
-                      batches=quota[w], skip_batches=done[w],
-                      seed=int(np.random.SeedSequence([seed, epoch, rank * workers + w]).generate_state(1)[0]))
-             for w in range(workers)]
+    plans = [
+        SlotPlan(
+            urls=assignment[rank * workers + w],
+            stride=stride,
+            offset=rank * workers + w if stride > 1 else 0,
+            batches=quota[w],
+            skip_batches=done[w],
+            seed=int(np.random.SeedSequence([seed, epoch, rank * workers + w]).generate_state(1)[0]),
+        )
+        for w in range(workers)
+    ]
     # A loader always starts with its worker 0: after a resume, worker 0 must read the slot that was next.
     first = next_worker(quota, skip)
     return plans[first:] + plans[:first]

@@ -24,8 +24,9 @@ def _to_tensor(image: Image.Image, mean, std) -> torch.Tensor:
 
 
 class TrainTransform:
-    def __init__(self, image_size: int, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = False,
-                 mean=CLIP_MEAN, std=CLIP_STD):
+    def __init__(
+        self, image_size: int, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = False, mean=CLIP_MEAN, std=CLIP_STD
+    ):
         self.size, self.scale, self.ratio, self.flip = int(image_size), tuple(scale), tuple(ratio), bool(flip)
         self.mean, self.std = mean, std
 

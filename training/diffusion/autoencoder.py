@@ -17,14 +17,27 @@ from training.errors import UserError
 SYMMETRIC_MEAN, SYMMETRIC_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
-def build_vae(*, sample_size: int, block_out_channels: list[int], latent_channels: int = 4, layers_per_block: int = 1,
-              norm_num_groups: int = 32) -> AutoencoderKL:
+def build_vae(
+    *,
+    sample_size: int,
+    block_out_channels: list[int],
+    latent_channels: int = 4,
+    layers_per_block: int = 1,
+    norm_num_groups: int = 32,
+) -> AutoencoderKL:
     """A fresh AutoencoderKL; each block after the first halves the side (SD: 4 blocks, 8× smaller latents)."""
     blocks = len(block_out_channels)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
-                         up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=tuple(block_out_channels),
-                         layers_per_block=layers_per_block, latent_channels=latent_channels,
-                         norm_num_groups=norm_num_groups, sample_size=sample_size)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        latent_channels=latent_channels,
+        norm_num_groups=norm_num_groups,
+        sample_size=sample_size,
+    )
 
 
 def vae_folder(path: str, option: str = "vae") -> str:
@@ -34,7 +47,9 @@ def vae_folder(path: str, option: str = "vae") -> str:
         config = os.path.join(folder, "config.json")
         if os.path.exists(config) and '"AutoencoderKL"' in open(config).read():
             return folder
-    raise UserError(f"{option}={path} is not an AutoencoderKL folder (no config.json of class AutoencoderKL there or in vae/)")
+    raise UserError(
+        f"{option}={path} is not an AutoencoderKL folder (no config.json of class AutoencoderKL there or in vae/)"
+    )
 
 
 def load_vae(path: str, option: str = "vae") -> AutoencoderKL:
@@ -66,9 +81,12 @@ class PatchDiscriminator(nn.Module):
         modules: list[nn.Module] = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
         width = channels
         for i in range(1, layers):
-            wider = channels * min(2 ** i, 8)
-            modules += [nn.Conv2d(width, wider, 4, 2 if i < layers - 1 else 1, 1), nn.GroupNorm(min(32, wider // 4), wider),
-                        nn.LeakyReLU(0.2)]
+            wider = channels * min(2**i, 8)
+            modules += [
+                nn.Conv2d(width, wider, 4, 2 if i < layers - 1 else 1, 1),
+                nn.GroupNorm(min(32, wider // 4), wider),
+                nn.LeakyReLU(0.2),
+            ]
             width = wider
         modules.append(nn.Conv2d(width, 1, 4, 1, 1))
         self.layers = nn.Sequential(*modules)
@@ -90,7 +108,11 @@ def latent_scale(vae: AutoencoderKL, batches, max_batches: int = 16) -> float:
         if i == max_batches:
             break
         latents = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist.sample().double()
-        count, total, squares = count + latents.numel(), total + latents.sum().item(), squares + latents.pow(2).sum().item()
+        count, total, squares = (
+            count + latents.numel(),
+            total + latents.sum().item(),
+            squares + latents.pow(2).sum().item(),
+        )
     if count == 0:
         raise UserError("no images to measure the latent scale on (the data stream is empty)")
     variance = squares / count - (total / count) ** 2

@@ -21,9 +21,18 @@ from training.task_module import TaskModule, decay_groups
 
 
 class VaeTraining(TaskModule):
-    def __init__(self, model: AutoencoderKL, optimizer: Callable, kl_weight: float = 1e-6, weight_decay: float = 0.0,
-                 warmup_steps: int = 100, grad_clip: float | None = 1.0, discriminator: dict | None = None,
-                 discriminator_start: int = 5000, discriminator_weight: float = 0.5):
+    def __init__(
+        self,
+        model: AutoencoderKL,
+        optimizer: Callable,
+        kl_weight: float = 1e-6,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 100,
+        grad_clip: float | None = 1.0,
+        discriminator: dict | None = None,
+        discriminator_start: int = 5000,
+        discriminator_weight: float = 0.5,
+    ):
         super().__init__()
         self.vae = model
         self.optimizer_factory, self.weight_decay = optimizer, float(weight_decay)
@@ -75,8 +84,13 @@ class VaeTraining(TaskModule):
         n = pixels.shape[0]
         self.log("val/l1", (reconstruction.float() - pixels.float()).abs().mean(), sync_dist=True, batch_size=n)
         self.log("val/psnr", psnr(reconstruction, pixels), sync_dist=True, batch_size=n)
-        self.log("val/loss", (reconstruction.float() - pixels.float()).abs().mean()
-                 + self.kl_weight * kl_per_pixel(posterior, pixels[0].numel()), sync_dist=True, batch_size=n)
+        self.log(
+            "val/loss",
+            (reconstruction.float() - pixels.float()).abs().mean()
+            + self.kl_weight * kl_per_pixel(posterior, pixels[0].numel()),
+            sync_dist=True,
+            batch_size=n,
+        )
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.clip_gradients_logged(self.vae.parameters(), self.grad_clip)

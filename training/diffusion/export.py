@@ -15,10 +15,19 @@ from training.diffusion.unet import sampler
 from training.export import FolderExport, full_state_dict
 
 
-def assemble_pipeline(unet, vae, text_encoder, tokenizer, schedule, sampler_name: str = "dpm") -> StableDiffusionPipeline:
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=sampler(sampler_name, schedule), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+def assemble_pipeline(
+    unet, vae, text_encoder, tokenizer, schedule, sampler_name: str = "dpm"
+) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sampler(sampler_name, schedule),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def gather_pipeline(trainer: pl.Trainer, pl_module, sampler_name: str = "dpm") -> StableDiffusionPipeline | None:
@@ -29,8 +38,9 @@ def gather_pipeline(trainer: pl.Trainer, pl_module, sampler_name: str = "dpm") -
         return None
     unet = UNet2DConditionModel.from_config(pl_module.unet.config)
     unet.load_state_dict(state)
-    return assemble_pipeline(unet.eval(), pl_module.vae, pl_module.text_encoder, pl_module.tokenizer,
-                             pl_module.schedule, sampler_name)
+    return assemble_pipeline(
+        unet.eval(), pl_module.vae, pl_module.text_encoder, pl_module.tokenizer, pl_module.schedule, sampler_name
+    )
 
 
 def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
@@ -80,8 +90,15 @@ class SampleGrid(pl.Callback):
     """Every `every_n_steps`, the EMA model draws `prompts` (fixed seed, same noise each time) and the grid
     goes to MLflow as the image series `samples` (the run page's slider over steps)."""
 
-    def __init__(self, prompts: list[str], every_n_steps: int = 500, steps: int = 20, guidance_scale: float = 5.0,
-                 sampler: str = "dpm", seed: int = 0):
+    def __init__(
+        self,
+        prompts: list[str],
+        every_n_steps: int = 500,
+        steps: int = 20,
+        guidance_scale: float = 5.0,
+        sampler: str = "dpm",
+        seed: int = 0,
+    ):
         self.prompts, self.every_n_steps = list(prompts), int(every_n_steps)
         self.steps, self.guidance_scale, self.sampler, self.seed = int(steps), float(guidance_scale), sampler, int(seed)
         self._drawn_at: int | None = None
@@ -93,8 +110,12 @@ class SampleGrid(pl.Callback):
             return None
         pipeline.set_progress_bar_config(disable=True)
         pipeline.to(pl_module.device)
-        images = pipeline(self.prompts, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
-                          generator=torch.Generator(pl_module.device).manual_seed(self.seed)).images
+        images = pipeline(
+            self.prompts,
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            generator=torch.Generator(pl_module.device).manual_seed(self.seed),
+        ).images
         return image_grid(images, columns=min(len(images), 8))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -23,12 +23,27 @@ from training.task_module import TaskModule, decay_groups
 
 
 class LdmTraining(TaskModule):
-    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder, tokenizer,
-                 noise_scheduler: DDPMScheduler, optimizer: Callable, weight_decay: float = 0.01,
-                 warmup_steps: int = 100, min_lr_ratio: float = 1.0, grad_clip: float | None = 1.0,
-                 snr_gamma: float | None = 5.0, offset_noise: float = 0.0, caption_dropout: float = 0.1,
-                 ema_decay: float = 0.9999, ema_warmup: bool = True, gradient_checkpointing: bool = False,
-                 compile: bool = False, fsdp_param_dtype: str | None = None):
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoder,
+        tokenizer,
+        noise_scheduler: DDPMScheduler,
+        optimizer: Callable,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 1.0,
+        grad_clip: float | None = 1.0,
+        snr_gamma: float | None = 5.0,
+        offset_noise: float = 0.0,
+        caption_dropout: float = 0.1,
+        ema_decay: float = 0.9999,
+        ema_warmup: bool = True,
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
+        fsdp_param_dtype: str | None = None,
+    ):
         super().__init__()
         self.unet = unet
         self.ema = copy.deepcopy(unet).requires_grad_(False)
@@ -57,8 +72,14 @@ class LdmTraining(TaskModule):
             return
         self._prepared = True
         mesh = self.fsdp_mesh()
-        parallelize(self.unet, UNET_BLOCKS, checkpointing=self.gradient_checkpointing, compile=self.compile_blocks,
-                    mesh=mesh, param_dtype=self.fsdp_param_dtype)
+        parallelize(
+            self.unet,
+            UNET_BLOCKS,
+            checkpointing=self.gradient_checkpointing,
+            compile=self.compile_blocks,
+            mesh=mesh,
+            param_dtype=self.fsdp_param_dtype,
+        )
         parallelize(self.ema, UNET_BLOCKS, mesh=mesh)  # the same shards as the weights it averages
 
     def configure_optimizers(self):
@@ -83,7 +104,9 @@ class LdmTraining(TaskModule):
 
     def diffusion_loss(self, batch) -> torch.Tensor:
         latents, states = self.conditioning(batch)
-        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)  # not _like: its layout follows the input's strides
+        noise = torch.randn(
+            latents.shape, device=latents.device, dtype=latents.dtype
+        )  # not _like: its layout follows the input's strides
         if self.offset_noise:
             # Offset noise (Guttenberg 2023): a per-channel constant lets the model change overall brightness.
             noise = noise + self.offset_noise * torch.randn(latents.shape[:2] + (1, 1), device=latents.device)

@@ -18,8 +18,12 @@ def vae_recipe(cfg: DictConfig, datamodule, output: str) -> Recipe:
     vae = load_vae(cfg.model.path, "model.path").train() if cfg.model.get("path") else instantiate(cfg.model)
     datamodule.attach(None, vae.config.sample_size, None, SYMMETRIC_MEAN, SYMMETRIC_STD)
     export = os.path.join(output, "vae")
-    return Recipe(instantiate(cfg.module, model=vae), [ExportVae(export, datamodule, cfg.scale_batches)], export,
-                  ("train/loss", "train/psnr", "val/psnr"))
+    return Recipe(
+        instantiate(cfg.module, model=vae),
+        [ExportVae(export, datamodule, cfg.scale_batches)],
+        export,
+        ("train/loss", "train/psnr", "val/psnr"),
+    )
 
 
 def ldm_recipe(cfg: DictConfig, datamodule, output: str) -> Recipe:
@@ -29,13 +33,27 @@ def ldm_recipe(cfg: DictConfig, datamodule, output: str) -> Recipe:
     text_encoder, tokenizer = load_text_encoder(str(cfg.clip), "clip")
     size = int(cfg.image_size)
     if size % downscale_factor(vae):
-        raise UserError(f"image_size={size} is not a multiple of the autoencoder's downscale factor {downscale_factor(vae)}")
-    unet = instantiate(cfg.model, sample_size=size // downscale_factor(vae), in_channels=vae.config.latent_channels,
-                       cross_attention_dim=text_encoder.config.hidden_size)
+        raise UserError(
+            f"image_size={size} is not a multiple of the autoencoder's downscale factor {downscale_factor(vae)}"
+        )
+    unet = instantiate(
+        cfg.model,
+        sample_size=size // downscale_factor(vae),
+        in_channels=vae.config.latent_channels,
+        cross_attention_dim=text_encoder.config.hidden_size,
+    )
     datamodule.attach(tokenizer, size, tokenizer.model_max_length, SYMMETRIC_MEAN, SYMMETRIC_STD)
-    module = instantiate(cfg.module, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                         noise_scheduler=instantiate(cfg.noise_scheduler))
+    module = instantiate(
+        cfg.module,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        noise_scheduler=instantiate(cfg.noise_scheduler),
+    )
     export = os.path.join(output, "pipeline")
-    write_lineage(output, {"clip": os.path.abspath(str(cfg.clip)), "vae": os.path.abspath(str(cfg.vae)),
-                           "data": str(cfg.data.path)})
+    write_lineage(
+        output,
+        {"clip": os.path.abspath(str(cfg.clip)), "vae": os.path.abspath(str(cfg.vae)), "data": str(cfg.data.path)},
+    )
     return Recipe(module, [ExportPipeline(export, cfg.sampler)], export, ("train/loss", "val/loss"))

@@ -21,9 +21,17 @@ SAMPLERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "ddpm": D
 UNET_BLOCKS = ["CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D", "UpBlock2D"]
 
 
-def build_unet(*, sample_size: int, in_channels: int, cross_attention_dim: int, block_out_channels: list[int],
-               layers_per_block: int = 2, attention_head_dim: int = 8, norm_num_groups: int = 32,
-               cross_attention_blocks: list[bool] | None = None) -> UNet2DConditionModel:
+def build_unet(
+    *,
+    sample_size: int,
+    in_channels: int,
+    cross_attention_dim: int,
+    block_out_channels: list[int],
+    layers_per_block: int = 2,
+    attention_head_dim: int = 8,
+    norm_num_groups: int = 32,
+    cross_attention_blocks: list[bool] | None = None,
+) -> UNet2DConditionModel:
     """A fresh text-conditioned UNet. `cross_attention_blocks` says, per resolution from the top, whether the
     block attends to the text (SD: all but the lowest-resolution down block and the first up block)."""
     levels = len(block_out_channels)
@@ -32,10 +40,18 @@ def build_unet(*, sample_size: int, in_channels: int, cross_attention_dim: int, 
         raise UserError(f"model.cross_attention_blocks has {len(attends)} entries for {levels} block_out_channels")
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends))
-    return UNet2DConditionModel(sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
-                                down_block_types=down, up_block_types=up, block_out_channels=tuple(block_out_channels),
-                                layers_per_block=layers_per_block, cross_attention_dim=cross_attention_dim,
-                                attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_head_dim,
+        norm_num_groups=norm_num_groups,
+    )
 
 
 def is_pipeline_folder(path: str) -> bool:
@@ -52,8 +68,10 @@ def load_text_encoder(path: str, option: str = "clip") -> tuple[CLIPTextModel, o
     """(text encoder, tokenizer) from a CLIP folder (ours, or a Hub CLIP/CLIPTextModel saved to disk), or
     from a diffusers pipeline folder's text_encoder/ and tokenizer/."""
     if is_pipeline_folder(path):
-        return (CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder")).eval(),
-                AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer")))
+        return (
+            CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder")).eval(),
+            AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer")),
+        )
     require_clip_folder(path, option)
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # the vision half of a CLIPModel folder is left out on purpose
@@ -67,8 +85,9 @@ def load_text_encoder(path: str, option: str = "clip") -> tuple[CLIPTextModel, o
 def encode_text(text_encoder: CLIPTextModel, tokenizer, captions: list[str]) -> torch.Tensor:
     """(B, T, D) last hidden states, tokenised exactly as StableDiffusionPipeline does (padded to the
     tokenizer's length, no attention mask), so training and sampling condition on the same thing."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     return text_encoder(ids.to(text_encoder.device))[0]
 
 
