@@ -96,7 +96,7 @@ def test_threshold_sweep_trains_and_evaluates_a_model_per_value(world_lists, tin
         "filter.clip_score.top_fraction=0.5,0.9",
         "+sweep_model=clip_zeroshot",
         f"+sweep_model.datasets.colour={tmp_path / 'colour'}",
-        "sweep_model.overrides=[data.batch_size=16,trainer.max_steps=6,data.num_workers=0]",
+        'sweep_model.overrides=["data.batch_size=16","trainer.max_steps=6","data.num_workers=0"]',
         "crawl.allow_networks=[127.0.0.1/32]",
         "crawl.image_size=64",
         "crawl.timeout=1",

@@ -29,7 +29,7 @@ DRAWBENCH_CATEGORIES = (
     "Text",
 )
 DEFAULT_DRAWBENCH_CSV = "data/drawbench.csv"  # where `python -m evaluation.t2i.download_drawbench` puts it
-WORLD_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "world" / "default.yaml"
+WORLD_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "world" / "default.yaml"
 PROMPT_HEADERS = ("prompt", "prompts")
 CATEGORY_HEADERS = ("category", "categories")
 
