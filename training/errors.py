@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import sys
 
+from training.quiet import quiet
+
 
 class UserError(ValueError):
     """Bad input or configuration: the message names the bad thing and what was expected."""
 
 
 def run_command(command, cfg):
-    """Call `command(cfg)`; a UserError ends the process with its one-line message instead of a traceback."""
+    """Call `command(cfg)`; a UserError ends the process with its one-line message instead of a traceback.
+    Library output goes to a log file first, unless `verbose=true` (training/quiet.py)."""
+    quiet(cfg)
     try:
         return command(cfg)
     except Exception as err:

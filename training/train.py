@@ -108,6 +108,8 @@ def train(cfg: DictConfig, prepare=None) -> float:
             if name in metrics:
                 print(f"  {name:<24} {metrics[name]:.4f}")
         print(f"  {'samples/s (incl. start)':<24} {samples / max(seconds, 1e-9):.1f}")
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        print(f"  {'parameters (trainable)':<24} {sum(p.numel() for p in module.parameters()):,} ({trainable:,})")
         print(f"  export: {recipe.export}")
     return metrics.get("val/loss", metrics.get("train/loss", float("nan")))
 
