@@ -23,8 +23,8 @@ from PIL import Image
 from evaluation.t2i.drawbench import generate_images, score_images, summarise  # noqa: E402
 from evaluation.t2i.prompt_suites import world_suite, world_vocabulary  # noqa: E402
 from evaluation.t2i.world_checks import ObjectFinder, judge  # noqa: E402
-from evaluation.zeroshot.benchmark import ClipEncoder  # noqa: E402
 from pipeline.world.shards import write_world_shards
+from training.clip.encode import ClipEncoder  # noqa: E402
 from training.clip.model import load_clip  # noqa: E402
 from training.train import train  # noqa: E402
 

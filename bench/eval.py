@@ -16,10 +16,11 @@ from curate import ROOT, config, make_clip  # bench/ is the script's folder
 
 
 def main() -> None:
-    from evaluation.zeroshot.benchmark import ClipEncoder, zeroshot_classification
+    from evaluation.zeroshot.benchmark import zeroshot_classification
     from evaluation.zeroshot.datasets import EvalSet
     from evaluation.zeroshot.templates import resolve_templates
     from pipeline.eval_set.export import export_eval_set
+    from training.clip.encode import ClipEncoder
     from training.clip.model import load_clip
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -207,7 +207,7 @@ def test_checkers_pass_real_world_images_and_refuse_wrong_ones(side):
 
 def test_clip_score_is_the_formula_on_a_hand_made_case(tiny_clip):
     """2.5 · max(cos, 0), cosines taken through CLIPModel's own forward (logits / logit scale)."""
-    from evaluation.zeroshot.benchmark import ClipEncoder
+    from training.clip.encode import ClipEncoder
     from training.clip.model import load_clip
 
     encoder = ClipEncoder.from_bundle(load_clip(tiny_clip))

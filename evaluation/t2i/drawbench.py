@@ -23,7 +23,7 @@ from evaluation.t2i.metrics import bootstrap_mean, clip_scores, pairwise_outcome
 from evaluation.t2i.prompt_suites import Prompt, load_prompts, world_vocabulary
 from evaluation.t2i.report import write_report
 from evaluation.t2i.world_checks import CHECKS, ObjectFinder, judge
-from evaluation.zeroshot.benchmark import ClipEncoder
+from training.clip.encode import ClipEncoder
 from training.clip.model import load_clip, require_clip_folder
 from training.errors import UserError
 

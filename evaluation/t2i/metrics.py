@@ -4,7 +4,6 @@ side-by-side win rates of a model against a baseline."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 from PIL import Image
 
 CLIPSCORE_WEIGHT = 2.5  # Hessel et al.: w = 2.5 stretches cosines of ~0.2–0.4 over a readable range
@@ -12,14 +11,11 @@ CLIPSCORE_WEIGHT = 2.5  # Hessel et al.: w = 2.5 stretches cosines of ~0.2–0.4
 
 def clip_scores(encoder, images: list[Image.Image], texts: list[str], batch_size: int = 64) -> np.ndarray:
     """CLIPScore(image, text) = 2.5 · max(cos(E_image, E_text), 0) for each pair, with a CLIP judge
-    (`evaluation.zeroshot.benchmark.ClipEncoder`); texts longer than its context are truncated, as CLIP must."""
-    transform = encoder.transform()
-    scores = []
-    for start in range(0, len(images), batch_size):
-        pixels = torch.stack([transform(image) for image in images[start : start + batch_size]])
-        cosine = (encoder.images(pixels) * encoder.texts(texts[start : start + batch_size])).sum(-1)  # (B,)
-        scores.append(CLIPSCORE_WEIGHT * cosine.clamp(min=0))
-    return torch.cat(scores).numpy() if scores else np.zeros(0)
+    (`training.clip.encode.ClipEncoder`); texts longer than its context are truncated, as CLIP must."""
+    if not images:
+        return np.zeros(0)
+    cosine = encoder.pair_scores(images, texts, batch_size)  # (N,)
+    return (CLIPSCORE_WEIGHT * cosine.clamp(min=0)).numpy()
 
 
 def bootstrap_mean(values, resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:

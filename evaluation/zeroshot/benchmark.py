@@ -1,9 +1,8 @@
 """Zero-shot classification and retrieval of a CLIP model (a `transformers` CLIPModel with its tokenizer)
-on an eval set: embeddings in, metrics from `evaluation.zeroshot.metrics` out."""
+on an eval set: embeddings from `training.clip.encode.ClipEncoder` in, metrics from
+`evaluation.zeroshot.metrics` out."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,66 +11,14 @@ from tqdm import tqdm
 from evaluation.zeroshot.datasets import EvalSet
 from evaluation.zeroshot.metrics import classification_metrics, retrieval_metrics
 from evaluation.zeroshot.templates import fill
-from training.data.transforms import EvalTransform
+from training.clip.encode import ClipEncoder
 from training.errors import UserError
-
-
-@dataclass
-class ClipEncoder:
-    """What evaluation needs of a CLIP: normalised image and text embeddings, batched, without gradients."""
-
-    model: torch.nn.Module  # CLIPModel
-    tokenizer: object
-    image_size: int
-    mean: tuple
-    std: tuple
-    device: torch.device = torch.device("cpu")
-
-    @classmethod
-    def from_bundle(cls, bundle, device="cpu") -> ClipEncoder:
-        processor = bundle.image_processor
-        size = bundle.model.config.vision_config.image_size
-        return cls(
-            bundle.model.to(device).eval(),
-            bundle.tokenizer,
-            size,
-            tuple(processor.image_mean),
-            tuple(processor.image_std),
-            torch.device(device),
-        )
-
-    @property
-    def context_length(self) -> int:
-        return int(self.model.config.text_config.max_position_embeddings)
-
-    def transform(self) -> EvalTransform:
-        return EvalTransform(self.image_size, mean=self.mean, std=self.std)
-
-    @torch.no_grad()
-    def images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.model.get_image_features(pixel_values=pixel_values.to(self.device))
-        return F.normalize(out.pooler_output.float(), dim=-1).cpu()  # (B, D)
-
-    @torch.no_grad()
-    def texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        parts = []
-        for start in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(
-                texts[start : start + batch_size],
-                padding="max_length",
-                truncation=True,
-                max_length=self.context_length,
-                return_tensors="pt",
-            ).to(self.device)
-            out = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-            parts.append(F.normalize(out.pooler_output.float(), dim=-1).cpu())
-        return torch.cat(parts)  # (T, D)
 
 
 def text_classifier(encoder: ClipEncoder, classnames: list[str], templates: list[str]) -> torch.Tensor:
     """(C, D): per class, the mean of its normalised template embeddings, normalised again (CLIP's recipe)."""
     texts = [fill(t, name) for name in classnames for t in templates]
-    embeddings = encoder.texts(texts).view(len(classnames), len(templates), -1)
+    embeddings = encoder.encode_texts(texts).view(len(classnames), len(templates), -1)
     return F.normalize(embeddings.mean(1), dim=-1)
 
 
@@ -80,7 +27,7 @@ def encode_set(encoder: ClipEncoder, eval_set: EvalSet, batch_size: int, num_wor
     features, labels, captions = [], [], []
     loader = eval_set.loader(encoder.transform(), batch_size, num_workers)
     for batch in tqdm(loader, desc=f"embed {eval_set.name}", unit="batch", disable=not progress, leave=False):
-        features.append(encoder.images(batch["pixel_values"]))
+        features.append(encoder.encode_images(batch["pixel_values"], batch_size))
         labels.append(batch["labels"])
         captions.extend(batch["captions"])
     return torch.cat(features), torch.cat(labels), captions
@@ -116,5 +63,5 @@ def retrieval(
     features, _, captions = encode_set(encoder, eval_set, batch_size, num_workers, progress)
     texts = [c for per_image in captions for c in per_image]
     text_image = torch.tensor([i for i, per_image in enumerate(captions) for _ in per_image])
-    metrics = retrieval_metrics(features, encoder.texts(texts), text_image, chunk=chunk)
+    metrics = retrieval_metrics(features, encoder.encode_texts(texts), text_image, chunk=chunk)
     return {"metrics": metrics, "samples": len(captions), "captions": len(texts)}

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 
-from evaluation.zeroshot.benchmark import ClipEncoder, zeroshot_classification
+from evaluation.zeroshot.benchmark import zeroshot_classification
 from evaluation.zeroshot.datasets import EvalSet
 from evaluation.zeroshot.templates import resolve_templates
+from training.clip.encode import ClipEncoder
 from training.clip.export import gather_clip
-from training.clip.model import CLIP_MEAN, CLIP_STD
+from training.clip.model import ClipBundle, image_processor_for
 
 
 class ZeroShotCallback(pl.Callback):
@@ -44,15 +45,11 @@ class ZeroShotCallback(pl.Callback):
         self.last_step = trainer.global_step
         model = gather_clip(trainer, pl_module)
         if model is not None:
-            tokenizer = trainer.datamodule.tokenizer
-            encoder = ClipEncoder(
-                model.to(pl_module.device),
-                tokenizer,
-                model.config.vision_config.image_size,
-                CLIP_MEAN,
-                CLIP_STD,
-                pl_module.device,
-            )
+            # The image processor the export will write beside these weights: the numbers logged here are
+            # the ones `python -m evaluation.run` gives for the exported folder.
+            processor = image_processor_for(model.config.vision_config.image_size)
+            bundle = ClipBundle(model, trainer.datamodule.tokenizer, processor)
+            encoder = ClipEncoder.from_bundle(bundle, pl_module.device)
             metrics = {}
             for name, eval_set in self.eval_sets.items():
                 result = zeroshot_classification(

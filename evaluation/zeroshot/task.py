@@ -10,9 +10,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation.report import confusion_figure, log_evaluation, model_tags, per_class_table, print_summary
-from evaluation.zeroshot.benchmark import ClipEncoder, retrieval, zeroshot_classification
+from evaluation.zeroshot.benchmark import retrieval, zeroshot_classification
 from evaluation.zeroshot.datasets import EvalSet
 from evaluation.zeroshot.templates import resolve_templates
+from training.clip.encode import ClipEncoder
 from training.clip.model import load_clip, require_clip_folder
 
 

@@ -1,7 +1,9 @@
 """`ClipScorer`: image and text embeddings and their cosine, from any `transformers` CLIP folder.
 
-One instance per Ray actor (the model loads once); batches of samples in, three columns out. On a GPU the
-forward pass runs in bfloat16 autocast; on CPU in float32. Embeddings leave as float16 (DESIGN.md).
+One instance per Ray actor (the model loads once); batches of samples in, three columns out. The embedding
+is `training.clip.encode.ClipEncoder`'s, the one evaluation uses, so the `clip_score` written here is the
+cosine evaluation would compute. On a GPU the forward pass runs in bfloat16 autocast; on CPU in float32.
+Embeddings leave as float16 (DESIGN.md).
 """
 
 from __future__ import annotations
@@ -12,21 +14,21 @@ import numpy as np
 import torch
 from PIL import Image
 
+from training.clip.encode import ClipEncoder, cosine
+
 
 class ClipScorer:
     def __init__(self, clip_path: str, threads: int | None = None):
         from transformers.utils import logging as hf_logging
 
-        from training.clip.model import load_clip
-
         hf_logging.disable_progress_bar()
         if threads:
             torch.set_num_threads(int(threads))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.clip = load_clip(clip_path, device=self.device)
-        self.dim = int(self.clip.model.config.projection_dim)
+        autocast = torch.bfloat16 if self.device == "cuda" else None
+        self.encoder = ClipEncoder.from_folder(clip_path, self.device, autocast_dtype=autocast)
+        self.dim = self.encoder.dim
 
-    @torch.inference_mode()
     def __call__(self, batch: dict) -> dict:
         n = len(batch["key"])
         image_embeds = np.zeros((n, self.dim), np.float16)
@@ -38,21 +40,11 @@ class ClipScorer:
             captions = [batch["caption"][i] or "" for i in ok]
             image_emb, text_emb = self.embed(images, captions)
             image_embeds[ok], text_embeds[ok] = image_emb.half().numpy(), text_emb.half().numpy()
-            score[ok] = (image_emb * text_emb).sum(-1).numpy()
+            score[ok] = cosine(image_emb, text_emb).numpy()
         batch.update(image_embedding=image_embeds, text_embedding=text_embeds, clip_score=score)
         return batch
 
     def embed(self, images: list, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """L2-normalised float32 embeddings on CPU, (B, D) each."""
-        pixels = self.clip.image_processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
-        tokens = self.clip.tokenizer(
-            captions, padding=True, truncation=True, max_length=self.clip.context_length, return_tensors="pt"
-        ).to(self.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
-            image = self.clip.model.get_image_features(pixel_values=pixels).pooler_output
-            text = self.clip.model.get_text_features(
-                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
-            ).pooler_output
-        image = torch.nn.functional.normalize(image.float(), dim=-1).cpu()
-        text = torch.nn.functional.normalize(text.float(), dim=-1).cpu()
-        return image, text
+        """L2-normalised float32 embeddings on CPU, (B, D) each; the whole Ray batch in one forward pass."""
+        batch_size = max(1, len(images))
+        return self.encoder.encode_images(images, batch_size), self.encoder.encode_texts(captions, batch_size)
