@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import json
 import os
 import signal
 import socket
@@ -18,6 +19,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import pytorch_lightning as pl
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -54,6 +57,26 @@ def drawbench_like_csv(path: Path) -> Path:
             for i in range(count):
                 writer.writerow([f"{category.lower()} picture {i}, with a comma", category])
     return path
+
+
+class RandomnessProbe(pl.Callback):
+    """A Lightning callback (attached by `+callbacks.probe._target_=support.RandomnessProbe`, with tests/ on
+    PYTHONPATH) that writes, per rank, a checksum of the weights at the start of training and what the
+    training step's first draws from torch's generator (timesteps, noise) would be, without drawing them."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx != 0:
+            return
+        with torch.random.fork_rng():
+            draws = {"timesteps": torch.randint(0, 1000, (8,)).tolist(), "noise": torch.randn(4).tolist()}
+        full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in pl_module.parameters()]  # FSDP shards
+        weights = float(sum(p.detach().double().sum() for p in full))
+        os.makedirs(self.folder, exist_ok=True)
+        with open(f"{self.folder}/rank{trainer.global_rank}.json", "w") as f:
+            json.dump({"weights": weights, **draws}, f)
 
 
 def world_config(**overrides):

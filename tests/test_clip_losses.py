@@ -43,6 +43,11 @@ def _cases():
         "clip_local": (ClipLoss(local_loss=True), False),
         "clip_full": (ClipLoss(local_loss=False), False),
         "siglip": (SigLipLoss(), True),
+        # Without gradient through the gather: the same loss; other ranks' features are constants, so the
+        # gradients differ by design (open_clip's gather_with_grad=False) and only the loss is compared.
+        "clip_local_no_grad_gather": (ClipLoss(local_loss=True, gather_with_grad=False), False),
+        "clip_full_no_grad_gather": (ClipLoss(local_loss=False, gather_with_grad=False), False),
+        "siglip_no_grad_gather": (SigLipLoss(gather_with_grad=False), True),
     }
 
 
@@ -72,6 +77,9 @@ def test_distributed_losses_equal_the_single_process_loss_and_gradients(tmp_path
     for name, (loss, grads) in single.items():
         d_loss, d_grads = results[name]
         assert abs(float(d_loss) - float(loss)) <= 1e-5, name
+        if name.endswith("no_grad_gather"):
+            assert all(torch.isfinite(dg).all() and dg.abs().sum() > 0 for dg in d_grads), name
+            continue
         for g, dg in zip(grads, d_grads):
             assert (g - dg).abs().max() <= 1e-5, name
         assert sum(float(g.abs().sum()) for g in grads) > 0.1  # the gradients compared are not all zero

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -63,3 +64,54 @@ def test_psnr_and_latent_scale_on_hand_made_cases():
         assert latent_scale(vae, batches, max_batches=limit) == pytest.approx(
             1 / latents.std(unbiased=False).item(), rel=1e-6
         )
+
+
+def _tiny_pipeline(schedule, sampler_name: str):
+    """A random debug-size StableDiffusionPipeline on `schedule`, built in memory (no folder needed)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from support import CONF
+    from training.diffusion.export import assemble_pipeline
+    from training.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(["a red circle", "two blue squares", "a green star"], vocab_size=300, max_length=16)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=16, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+    )  # fmt: skip
+    vae = instantiate(OmegaConf.load(CONF / "model" / "vae_tiny.yaml"))
+    unet = instantiate(OmegaConf.load(CONF / "model" / "unet_tiny.yaml"), sample_size=8, in_channels=4,
+                       cross_attention_dim=32)  # fmt: skip
+    return assemble_pipeline(unet, vae, text_encoder, tokenizer, schedule, sampler_name)
+
+
+@pytest.mark.parametrize("sampler_name", ["dpm", "ddim"])
+def test_zero_terminal_snr_needs_v_prediction_and_reaches_the_exported_sampler(sampler_name):
+    from training.errors import UserError
+
+    base = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+            "clip_sample": False}  # fmt: skip
+    with pytest.raises(UserError, match="zero_terminal_snr=true needs noise_scheduler.prediction_type=v_prediction"):
+        noise_scheduler("epsilon", zero_terminal_snr=True, **base)
+    schedule = noise_scheduler("v_prediction", zero_terminal_snr=True, **base)
+    assert float(schedule.alphas_cumprod[-1]) < 1e-6  # the last training step is pure noise …
+    assert float(noise_scheduler("v_prediction", **base).alphas_cumprod[-1]) > 1e-3  # … which SD's schedule is not
+    weights = min_snr_weights(schedule, torch.tensor([0, 500, 999]), 5.0)
+    assert torch.isfinite(weights).all() and float(weights[-1]) == 0.0  # v-prediction: min(0, γ)/(0 + 1)
+
+    pipeline = _tiny_pipeline(schedule, sampler_name)
+    config = pipeline.scheduler.config
+    assert config.rescale_betas_zero_snr and config.timestep_spacing == "trailing"
+    assert config.prediction_type == "v_prediction"
+    pipeline.scheduler.set_timesteps(4)
+    assert int(pipeline.scheduler.timesteps[0]) == 999  # trailing: sampling starts at the zero-SNR step
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(["a red circle"], num_inference_steps=4, guidance_scale=3.0, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all() and images.std() > 0

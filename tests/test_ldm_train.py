@@ -192,15 +192,19 @@ def test_ddp_and_fsdp_runs_finish_and_export(four, tiny_clip, tmp_path):
         "tracking=false",
         *FIXED,
     ]
+    env = {**subprocess_env(), "PYTHONPATH": str(ROOT / "tests")}  # the probe callback lives in tests/support.py
     for strategy in ("ddp", "fsdp"):
+        probe = tmp_path / f"probe_{strategy}"
         result = subprocess.run(
             _command(
                 *common,
                 f"trainer={strategy}",
                 f"output={tmp_path}/{strategy}",
                 f"hydra.run.dir={tmp_path}/h_{strategy}",
+                "+callbacks.probe._target_=support.RandomnessProbe",
+                f"+callbacks.probe.folder={probe}",
             ),
-            env=subprocess_env(),
+            env=env,
             capture_output=True,
             text=True,
             cwd=ROOT,
@@ -208,6 +212,11 @@ def test_ddp_and_fsdp_runs_finish_and_export(four, tiny_clip, tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         assert "step 4, 2 process(es)" in result.stdout
         assert os.path.exists(f"{tmp_path}/{strategy}/pipeline/unet/diffusion_pytorch_model.safetensors")
+        ranks = [json.load(open(probe / f"rank{r}.json")) for r in (0, 1)]
+        # Identical weights (every rank built the model from the same seed) …
+        assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], rel=1e-12), strategy
+        # … and each rank its own timesteps and noise (seed + rank): W ranks are W GPUs' worth of draws.
+        assert ranks[0]["timesteps"] != ranks[1]["timesteps"] and ranks[0]["noise"] != ranks[1]["noise"], strategy
 
 
 def test_kill_9_then_the_same_command_resumes_to_the_same_final_step(four, tiny_clip, tmp_path):

@@ -62,6 +62,18 @@ def mlflow_logger(cfg: DictConfig, output: str):
     return logger
 
 
+class SeedPerRank(pl.Callback):
+    """Every rank builds the model from `seed` (identical weights), then draws from `seed + global rank` (as
+    open_clip does): otherwise W ranks draw the same noise, timesteps, dropout masks and posterior samples,
+    and W GPUs train on one GPU's worth of them. Augmentation is keyed by sample, so it does not depend on this."""
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl.seed_everything(self.seed + trainer.global_rank, workers=True, verbose=False)
+
+
 def train(cfg: DictConfig, prepare=None) -> float:
     """Train, export, and return the metric a sweep compares (validation loss, else training loss).
     `prepare(trainer)` adapts the Lightning trainer to a launcher (Ray Train's `prepare_trainer`)."""
@@ -79,6 +91,7 @@ def train(cfg: DictConfig, prepare=None) -> float:
             save_last=True,
             save_top_k=0,
         ),
+        SeedPerRank(int(cfg.seed)),
         *recipe.callbacks,
         ThroughputMonitor(
             batch_size_fn=lambda batch: len(batch["keys"]), window_size=int(cfg.throughput_window), separator="/"

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 
 
 def _world() -> tuple[int, int]:
@@ -28,9 +29,7 @@ def gather_features(features: torch.Tensor, with_grad: bool) -> torch.Tensor:
     if world == 1:
         return features
     if with_grad:
-        import torch.distributed.nn
-
-        return torch.cat(torch.distributed.nn.all_gather(features), dim=0)
+        return torch.cat(all_gather_with_grad(features), dim=0)
     parts = [torch.empty_like(features) for _ in range(world)]
     dist.all_gather(parts, features.detach())
     parts[rank] = features  # the local part keeps its gradient

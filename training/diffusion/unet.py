@@ -91,9 +91,20 @@ def encode_text(text_encoder: CLIPTextModel, tokenizer, captions: list[str]) -> 
     return text_encoder(ids.to(text_encoder.device))[0]
 
 
-def noise_scheduler(prediction_type: str = "epsilon", **config) -> DDPMScheduler:
+def noise_scheduler(prediction_type: str = "epsilon", zero_terminal_snr: bool = False, **config) -> DDPMScheduler:
+    """The training schedule. `zero_terminal_snr` (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+    Steps are Flawed"): betas rescaled so the last step is pure noise, with trailing timestep spacing so that
+    sampling starts there; the exported samplers inherit both from this config. At SNR 0 an ε-prediction target
+    carries no information about the image (and min-SNR's weight is 0/0), so it needs v-prediction."""
     if prediction_type not in ("epsilon", "v_prediction"):
         raise UserError(f"prediction_type={prediction_type!r}; expected epsilon or v_prediction")
+    if zero_terminal_snr:
+        if prediction_type != "v_prediction":
+            raise UserError(
+                "noise_scheduler.zero_terminal_snr=true needs noise_scheduler.prediction_type=v_prediction "
+                f"(got {prediction_type}): at zero SNR the ε target says nothing about the image"
+            )
+        config = {**config, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
     return DDPMScheduler(prediction_type=prediction_type, **config)
 
 
