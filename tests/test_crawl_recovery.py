@@ -38,8 +38,8 @@ def test_kill_9_then_the_same_command_resumes(tmp_path):
             "processes=1",
             "concurrency=4",
         ]
-        kill_when(command, lambda: len(glob.glob(f"{out}/*_stats.json")) >= 2)
-        done_before = sorted(glob.glob(f"{out}/*_stats.json"))
+        kill_when(command, lambda: len(glob.glob(f"{out}/_work/done/*.json")) >= 2)
+        done_before = sorted(glob.glob(f"{out}/_work/done/*.json"))
         assert 2 <= len(done_before) < 12 and not os.path.exists(out / "manifest.json")
         requests_before = dict(server.requests)
 

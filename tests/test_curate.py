@@ -158,4 +158,4 @@ def test_shards_are_webdataset_readable_sized_and_deterministic(default_world_ra
     selected = {s["key"] for s in pq.read_table(sel / "selection.parquet").to_pylist() if s["keep"]}
     written = [s["__key__"] for t in sorted(sizes) for s in iter_tar_samples(open(tmp_path / "a" / t, "rb"))]
     assert sorted(written) == sorted(selected) and written != sorted(written)  # all of them, shuffled
-    assert not os.path.exists(tmp_path / "a" / "_plan")
+    assert not os.path.exists(tmp_path / "a" / "_work")

@@ -51,8 +51,8 @@ def test_annotate_killed_resumes_to_the_same_result(many_shards, tiny_clip, tmp_
         ]
 
     killed = tmp_path / "killed"
-    kill_when(command(killed), lambda: len(glob.glob(f"{killed}/0*.parquet")) >= 2)
-    before = len(glob.glob(f"{killed}/0*.parquet"))
+    kill_when(command(killed), lambda: len(glob.glob(f"{killed}/_work/done/*.json")) >= 2)
+    before = len(glob.glob(f"{killed}/_work/done/*.json"))
     assert before < SHARDS and not os.path.exists(killed / "manifest.json")
     _run(command(killed))
     resumed = json.load(open(killed / "manifest.json"))
@@ -83,8 +83,8 @@ def test_shard_killed_resumes_to_the_same_result(default_world_raw, annotated, t
         ]
 
     killed = tmp_path / "killed"
-    kill_when(command(killed), lambda: len(glob.glob(f"{killed}/_plan/done/*.json")) >= 2)
-    done_before = len(glob.glob(f"{killed}/_plan/done/*.json"))
+    kill_when(command(killed), lambda: len(glob.glob(f"{killed}/_work/done/*.json")) >= 2)
+    done_before = len(glob.glob(f"{killed}/_work/done/*.json"))
     assert not os.path.exists(killed / "manifest.json")
     _run(command(killed))
     resumed = json.load(open(killed / "manifest.json"))

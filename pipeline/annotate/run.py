@@ -1,8 +1,9 @@
 """`annotate(cfg)`: raw shards → one metadata parquet per shard, streamed through Ray Data, manifest last.
 
 Signals run as fused map tasks; CLIP scoring (when `clip` is set) as an actor pool. The driver gathers
-each shard's rows and writes `{shard}.parquet` as soon as the shard is whole, so a killed run resumes with
-the shards it had not finished. Rows are sorted by key: the same input gives the same bytes on every run.
+each shard's rows and writes `{shard}.parquet` as soon as the shard is whole, then its done record (see
+`pipeline.stage`), so a killed run resumes with the shards it had not finished. Rows are sorted by key: the
+same input gives the same bytes on every run.
 """
 
 from __future__ import annotations
@@ -15,15 +16,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from pipeline.annotate.clip_scorer import ClipScorer
 from pipeline.annotate.signals import ShardAnnotator
 from pipeline.errors import StageError
 from pipeline.ray_setup import actor_count, init_ray, quiet_ray_data
-from pipeline.storage import MANIFEST, Location, claim_output, config_fingerprint, file_sha256, write_manifest
+from pipeline.stage import Finished, Run, Stage, drive
+from pipeline.storage import MANIFEST, Location, config_fingerprint, file_sha256
 
-IDENTITY = "_identity.json"
 RUN_ONLY = {"input", "output", "clip_batch_size", "clip_actors", "clip_threads", "overwrite", "progress", "ray"}
 COLUMNS = [
     ("key", pa.string()),
@@ -106,8 +106,9 @@ def empty_table(dim: int | None) -> pa.Table:
     return pa.schema(fields).empty_table()
 
 
-def _stream(cfg: dict, todo: list[str], out: Location, samples_hint: int) -> None:
-    """Run the Ray Data pipeline over the shards in `todo`; write each shard's parquet when it is whole."""
+def _stream(cfg: dict, todo: list[str], out: Location, bar):
+    """Run the Ray Data pipeline over the shards in `todo`; write each shard's parquet when it is whole and
+    yield (shard, its done record)."""
     import ray
 
     init_ray(cfg["ray"]["num_cpus"])
@@ -135,21 +136,20 @@ def _stream(cfg: dict, todo: list[str], out: Location, samples_hint: int) -> Non
     dataset = dataset.drop_columns(["image"])
     pending: dict[str, list[dict]] = {}
     seen: dict[str, int] = {}
-    with tqdm(
-        total=samples_hint or None, desc="annotate", unit="sample", disable=not cfg["progress"], smoothing=0
-    ) as bar:
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            bar.update(len(batch["key"]))
-            shard_of_row = batch["shard"].astype(str)
-            for shard in np.unique(shard_of_row):  # a batch may hold rows of several shards
-                rows = shard_of_row == shard
-                pending.setdefault(shard, []).append({k: v[rows] for k, v in batch.items()})
-                seen[shard] = seen.get(shard, 0) + int(rows.sum())
-                if seen[shard] == int(batch["shard_samples"][rows][0]):
-                    out.write_parquet(meta_name(shard), to_table(pending.pop(shard)))
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        bar.update(len(batch["key"]))
+        shard_of_row = batch["shard"].astype(str)
+        for shard in np.unique(shard_of_row):  # a batch may hold rows of several shards
+            rows = shard_of_row == shard
+            pending.setdefault(shard, []).append({k: v[rows] for k, v in batch.items()})
+            seen[shard] = seen.get(shard, 0) + int(rows.sum())
+            if seen[shard] == int(batch["shard_samples"][rows][0]):
+                sha = out.write_parquet(meta_name(shard), to_table(pending.pop(shard)))
+                yield str(shard), {"shard": str(shard), "samples": seen[shard], "sha256": sha}
     for shard in todo:  # shards with no samples (every URL failed) never reach the loop above
         if shard not in seen:
-            out.write_parquet(meta_name(shard), empty_table(_clip_dim(cfg["clip"])))
+            sha = out.write_parquet(meta_name(shard), empty_table(_clip_dim(cfg["clip"])))
+            yield shard, {"shard": shard, "samples": 0, "sha256": sha}
 
 
 def _clip_dim(path: str | None) -> int | None:
@@ -158,63 +158,64 @@ def _clip_dim(path: str | None) -> int | None:
     return int(Location(path).read_json("config.json")["projection_dim"])
 
 
+class AnnotateStage(Stage):
+    """Units are the input tars; each one's output is `{shard}.parquet`, written on the driver as the streamed
+    rows of the shard are all in. `_work/` stays after the manifest, as the marker of whose output this is."""
+
+    name, what, keep_work = "annotate", "annotation", True
+
+    def __init__(self, cfg: dict):
+        self.started = time.time()
+        for key in ("input", "output"):
+            if "://" not in str(cfg[key]):  # Ray workers may run in another directory than this driver
+                cfg[key] = os.path.abspath(os.path.expanduser(str(cfg[key])))
+        self.raw = Location(cfg["input"])
+        self.shards = [n for n in self.raw.listdir() if n.endswith(".tar")]
+        if not self.shards:
+            raise StageError(
+                f"input {self.raw.url} holds no .tar shards; expected the output of pipeline.crawl or img2dataset"
+            )
+        config = {k: v for k, v in cfg.items() if k not in RUN_ONLY}
+        self.input_hash = input_fingerprint(self.raw, self.shards)
+        self.identity = config_fingerprint(
+            {"config": config, "input": self.input_hash, "clip": clip_fingerprint(cfg["clip"])}
+        )
+        self.cfg, self.output = cfg, Location(cfg["output"])
+
+    def plan(self, work: Location) -> dict:
+        return {"units": self.shards}
+
+    def bar(self, run: Run, units: list[str], retry: bool) -> dict:
+        return {"total": sum(_successes(self.raw, s) for s in units) or None, "desc": "annotate", "unit": "sample"}
+
+    def map(self, units: list[str], bar):
+        return _stream(self.cfg, units, self.output, bar)
+
+    def finish(self, run: Run) -> Finished:
+        names = [meta_name(s) for s in run.done]
+        errors = 0
+        samples = 0
+        for name in names:
+            table = pq.read_table(self.output.path(name), columns=["error"], filesystem=self.output.fs)
+            samples += table.num_rows
+            errors += table.num_rows - table.column("error").null_count
+        counts = {"shards": len(names), "samples": samples, "unreadable": errors}
+        seconds = run.seconds
+        extra = {
+            "input_content_hash": self.input_hash,
+            "last_run": {"shards_annotated": len(run.fresh), "seconds": round(seconds, 3)},
+        }
+        rate = samples / seconds if run.fresh and seconds else 0.0
+        summary = f"annotate summary: {samples} samples in {len(names)} shards ({errors} unreadable)" + (
+            f"; {len(run.fresh)} shards in {seconds:.1f}s: {rate:.1f} samples/s" if run.fresh else ""
+        )
+        return Finished(counts, {n: file_sha256(self.output, n) for n in names}, extra, summary)
+
+
 def annotate(cfg: DictConfig | dict) -> dict:
     """Run the annotate stage; returns its manifest."""
-    started = time.time()
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    for key in ("input", "output"):
-        if "://" not in str(cfg[key]):  # Ray workers may run in another directory than this driver
-            cfg[key] = os.path.abspath(os.path.expanduser(str(cfg[key])))
-    raw = Location(cfg["input"])
-    shards = [n for n in raw.listdir() if n.endswith(".tar")]
-    if not shards:
-        raise StageError(f"input {raw.url} holds no .tar shards; expected the output of pipeline.crawl or img2dataset")
-    config = {k: v for k, v in cfg.items() if k not in RUN_ONLY}
-    input_hash = input_fingerprint(raw, shards)
-    identity = config_fingerprint({"config": config, "input": input_hash, "clip": clip_fingerprint(cfg["clip"])})
-    out = Location(cfg["output"])
-    out.makedirs()
-    if out.exists(MANIFEST) and out.read_json(MANIFEST).get("identity") == identity:
-        manifest = out.read_json(MANIFEST)
-        print(f"annotate: {out.url} is already complete ({manifest['counts']['samples']} samples); nothing to do")
-        return manifest
-    # Keep the finished shards of an interrupted run of the same annotation; refuse to mix annotations.
-    if claim_output(out, IDENTITY, identity, bool(cfg["overwrite"]), "annotation") is None:
-        out.write_json(IDENTITY, {"identity": identity})
-    out.remove_temporaries()
-    out.remove(MANIFEST)
-    todo = [s for s in shards if not out.exists(meta_name(s))]
-    hint = sum(_successes(raw, s) for s in todo)
-    scored = time.time()
-    if todo:
-        _stream(cfg, todo, out, hint)
-    seconds = time.time() - scored
-    names = [meta_name(s) for s in shards]
-    errors = 0
-    samples = 0
-    for name in names:
-        table = pq.read_table(out.path(name), columns=["error"], filesystem=out.fs)
-        samples += table.num_rows
-        errors += table.num_rows - table.column("error").null_count
-    counts = {"shards": len(shards), "samples": samples, "unreadable": errors}
-    run = {"shards_annotated": len(todo), "seconds": round(seconds, 3)}
-    manifest = write_manifest(
-        out,
-        "annotate",
-        cfg,
-        counts,
-        {n: file_sha256(out, n) for n in names},
-        started,
-        identity=identity,
-        input_content_hash=input_hash,
-        last_run=run,
-    )
-    rate = samples / seconds if todo and seconds else 0.0
-    print(
-        f"annotate summary: {samples} samples in {len(shards)} shards ({errors} unreadable)"
-        + (f"; {len(todo)} shards in {seconds:.1f}s: {rate:.1f} samples/s" if todo else "")
-    )
-    return manifest
+    return drive(AnnotateStage(cfg))
 
 
 def _successes(raw: Location, shard: str) -> int:

@@ -9,32 +9,32 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.crawl.fetch import TRANSIENT_REASONS, Fetcher, FetchSettings
 from pipeline.crawl.guard import AddressGuard
 from pipeline.crawl.image import ImageProcessor, ImageSettings
 from pipeline.crawl.shard_writer import BASE_SCHEMA, ShardWriter, output_schema, shard_files, shard_name, shard_stats
+from pipeline.stage import WORK
 from pipeline.storage import Location
 from pipeline.tar_io import iter_tar_samples
 
-PLAN_DIR = "_plan"
 STATUS_OF_FETCH_FAILURE = "failed_to_download"
 STATUS_OF_IMAGE_FAILURE = "failed_to_resize"
 
 
 class ShardCrawler:
-    """`ShardCrawler(settings)({"shard_id": [...], "mode": [...]})` crawls (mode "crawl") or re-fetches the
-    transient failures of (mode "retry") each shard, commits it, and returns its stats as JSON."""
+    """`ShardCrawler(settings, retry)(shard)` crawls the shard named `shard` ("00003") from its plan, or (with
+    `retry`) re-fetches its transient failures; commits it and returns its stats (the stage driver records them
+    as the shard's done record)."""
 
-    def __init__(self, settings: dict):
+    def __init__(self, settings: dict, retry: bool = False):
         self.output = Location(settings["output"])
-        self.plan = Location(f"{settings['output']}/{PLAN_DIR}")
+        self.plan = Location(f"{settings['output']}/{WORK}")
+        self.retry = retry
         self.fetch_settings = FetchSettings(**settings["fetch"])
         self.guard = AddressGuard(settings["allow_networks"], settings["resolve"])
         self.processor = ImageProcessor(ImageSettings(**settings["image"]))
@@ -42,13 +42,9 @@ class ShardCrawler:
         self.concurrency = int(settings["concurrency"])
         self.pool = ThreadPoolExecutor(int(settings["image_threads"]), thread_name_prefix="image")
 
-    def __call__(self, batch: dict) -> dict:
-        stats = []
-        for shard_id, mode in zip(batch["shard_id"], batch["mode"]):
-            shard_id = int(shard_id)
-            result = self.crawl_shard(shard_id) if mode == "crawl" else self.retry_shard(shard_id)
-            stats.append(json.dumps({"shard_id": shard_id, **result}))
-        return {"shard_id": np.asarray(batch["shard_id"]), "stats": np.asarray(stats)}
+    def __call__(self, shard: str) -> dict:
+        shard_id = int(shard)
+        return {"shard_id": shard_id, **(self.retry_shard(shard_id) if self.retry else self.crawl_shard(shard_id))}
 
     # -- whole shards --------------------------------------------------------------------------------
     def crawl_shard(self, shard_id: int) -> dict:

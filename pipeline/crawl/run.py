@@ -1,25 +1,24 @@
 """`crawl(cfg)`: URL list → raw shards, on Ray. Plans shards once, crawls the incomplete ones, writes the
-manifest last; a second run resumes, and `retry_failed=true` fetches the transient failures again."""
+manifest last (all by `pipeline.stage.drive`); a second run resumes, and `retry_failed=true` fetches the
+transient failures again."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
-from pipeline.crawl.crawler import PLAN_DIR, ShardCrawler
+from pipeline.crawl.crawler import ShardCrawler
 from pipeline.crawl.fetch import TRANSIENT_REASONS
 from pipeline.crawl.guard import AddressGuard
 from pipeline.crawl.image import ImageSettings
 from pipeline.crawl.inputs import plan, read_input
-from pipeline.crawl.shard_writer import STATUSES, is_complete, shard_files, shard_name
+from pipeline.crawl.shard_writer import STATUSES, shard_name
 from pipeline.errors import StageError
-from pipeline.ray_setup import actor_count, init_ray, quiet_ray_data
-from pipeline.storage import MANIFEST, Location, claim_output, code_version, config_fingerprint, write_manifest
+from pipeline.stage import Finished, Run, Stage, drive
+from pipeline.storage import Location, code_version, config_fingerprint
 
 # Options that change *how fast*, not *what*: a resume may change them.
 RUN_ONLY = {
@@ -79,64 +78,87 @@ def worker_settings(cfg: dict, local_root: str | None) -> dict:
     }
 
 
-def _prepare(out: Location, cfg: dict, identity: str, table, overwrite: bool) -> dict:
-    """Reuse the plan of an interrupted run of the same crawl, or write a new one; refuse to mix crawls."""
-    existing = claim_output(out, f"{PLAN_DIR}/plan.json", identity, overwrite, "a crawl")
-    if existing:
-        return existing
-    plan_dir = Location(f"{out.url}/{PLAN_DIR}")
-    plan_dir.makedirs()
-    shards = plan(table, int(cfg["number_sample_per_shard"]))
-    for shard_id, shard in enumerate(shards):
-        with plan_dir.open_atomic(f"{shard_name(shard_id)}.parquet") as f:
-            pq.write_table(shard, f)
-    record = {
-        "identity": identity,
-        "rows": table.num_rows,
-        "shards": len(shards),
-        "number_sample_per_shard": int(cfg["number_sample_per_shard"]),
-    }
-    plan_dir.write_json("plan.json", record)  # last: a plan.json means every shard input is there
-    return record
+class CrawlStage(Stage):
+    """Units are planned shards ("00003"): each one's input rows under `_work/`, its stats its done record.
+    `_work/` stays after the manifest: `retry_failed=true` reruns a finished crawl from it."""
 
+    name, what, keep_work = "crawl", "a crawl", True
 
-def _run_shards(cfg: dict, settings: dict, jobs: list[tuple[int, str]], rows: int, desc: str) -> list[dict]:
-    """Crawl (or retry) shards on a pool of ShardCrawler actors; returns each shard's stats. The bar counts
-    input rows for a crawl, shards for a retry."""
-    import ray
+    def __init__(self, cfg: dict):
+        self.started = time.time()
+        if "://" not in str(cfg["output"]):  # Ray workers may run in another directory than this driver
+            cfg["output"] = os.path.abspath(os.path.expanduser(str(cfg["output"])))
+        if int(cfg["number_sample_per_shard"]) < 1:
+            raise StageError(f"number_sample_per_shard={cfg['number_sample_per_shard']}; expected a positive integer")
+        self.table, local_root, self.input_fingerprint = read_input(
+            cfg["input"], cfg["input_format"], cfg["url_col"], cfg["caption_col"], cfg["extra_columns"]
+        )
+        config = {k: v for k, v in cfg.items() if k not in RUN_ONLY}
+        self.cfg, self.output = cfg, Location(cfg["output"])
+        self.identity = config_fingerprint({"config": config, "input": self.input_fingerprint})
+        self.redo_when_complete = bool(cfg["retry_failed"])
+        self.settings = worker_settings(cfg, local_root)
+        self.successes = 0  # for the bar's postfix
 
-    init_ray(cfg["ray"]["num_cpus"])
-    quiet_ray_data()
-    items = [{"shard_id": shard_id, "mode": mode} for shard_id, mode in jobs]
-    size = actor_count(cfg["processes"], len(items))
-    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ShardCrawler,
-        fn_constructor_kwargs={"settings": settings},
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=size),
-        num_cpus=1,
-    )
-    results = []
-    unit = "url" if rows else "shard"
-    with tqdm(total=rows or len(jobs), desc=desc, unit=unit, disable=not cfg["progress"], smoothing=0) as bar:
-        for row in dataset.iter_rows():
-            stats = json.loads(row["stats"])
-            results.append(stats)
-            bar.update(stats["count"] if rows else 1)
-            bar.set_postfix(ok=sum(s["successes"] for s in results))
-    return results
+    def describe(self, manifest: dict) -> str:
+        return f"{manifest['counts']['success']} images"
+
+    def plan(self, work: Location) -> dict:
+        per = int(self.cfg["number_sample_per_shard"])
+        shards = plan(self.table, per)
+        for shard_id, shard in enumerate(shards):
+            with work.open_atomic(f"{shard_name(shard_id)}.parquet") as f:
+                pq.write_table(shard, f)
+        units = [shard_name(i) for i in range(len(shards))]
+        return {"units": units, "rows": self.table.num_rows, "shards": len(shards), "number_sample_per_shard": per}
+
+    def worker(self, retry: bool) -> tuple[type, dict]:
+        return ShardCrawler, {"settings": self.settings, "retry": retry}
+
+    def retry_units(self, run: Run) -> list[str]:
+        if not self.cfg["retry_failed"]:
+            return []
+        return [unit for unit, stats in run.done.items() if _reasons(stats) & TRANSIENT_REASONS]
+
+    def bar(self, run: Run, units: list[str], retry: bool) -> dict:
+        """The bar counts input rows for a crawl, shards for a retry."""
+        if retry:
+            return {"total": len(units), "desc": "retry", "unit": "shard"}
+        per, rows = run.plan["number_sample_per_shard"], run.plan["rows"]
+        resumed = run.plan["shards"] - len(units)
+        desc = f"crawl ({resumed} of {run.plan['shards']} shards already done)" if resumed else "crawl"
+        return {"total": sum(min(per, rows - int(u) * per) for u in units), "desc": desc, "unit": "url"}
+
+    def advance(self, bar, record: dict) -> None:
+        bar.update(1 if "retried" in record else record["count"])
+        self.successes += record["successes"]
+        bar.set_postfix(ok=self.successes)
+
+    def finish(self, run: Run) -> Finished:
+        counts, file_hashes = totals(list(run.done.values()))
+        if run.plan["rows"] - counts["rows"] or sum(counts[s] for s in STATUSES) != counts["rows"]:
+            raise RuntimeError(
+                f"crawl of {self.output.url} accounts for {counts['rows']} of {run.plan['rows']} input rows"
+            )
+        last_run = {
+            "shards_crawled": len(run.fresh),
+            "rows_retried": sum(r["retried"] for r in run.again.values()),
+            "successes_this_run": sum(r["successes"] for r in run.fresh.values()),
+            "crawl_seconds": round(run.seconds, 3),
+        }
+        extra = {"input_fingerprint": self.input_fingerprint, "last_run": last_run}
+        return Finished(counts, file_hashes, extra, summary(counts, last_run))
 
 
 def _reasons(stats: dict) -> set[str]:
     return {reason for reasons in stats["reasons"].values() for reason in reasons}
 
 
-def totals(out: Location, shards: int) -> tuple[dict, dict[str, str]]:
+def totals(shard_stats: list[dict]) -> tuple[dict, dict[str, str]]:
     """Counts over every shard's stats, and each output file's sha256 as recorded when it was written."""
     counts = {"rows": 0, **{s: 0 for s in STATUSES}, "bytes_downloaded": 0, "reasons": {}}
     file_hashes: dict[str, str] = {}
-    for shard_id in range(shards):
-        stats = out.read_json(shard_files(shard_id)[2])
+    for stats in shard_stats:
         file_hashes.update(stats["sha256"])
         counts["rows"] += stats["count"]
         counts["success"] += stats["successes"]
@@ -156,70 +178,8 @@ def totals(out: Location, shards: int) -> tuple[dict, dict[str, str]]:
 
 def crawl(cfg: DictConfig | dict) -> dict:
     """Run the crawl stage; returns its manifest."""
-    started = time.time()
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    if "://" not in str(cfg["output"]):  # Ray workers may run in another directory than this driver
-        cfg["output"] = os.path.abspath(os.path.expanduser(str(cfg["output"])))
-    if int(cfg["number_sample_per_shard"]) < 1:
-        raise StageError(f"number_sample_per_shard={cfg['number_sample_per_shard']}; expected a positive integer")
-    table, local_root, input_fingerprint = read_input(
-        cfg["input"], cfg["input_format"], cfg["url_col"], cfg["caption_col"], cfg["extra_columns"]
-    )
-    config = {k: v for k, v in cfg.items() if k not in RUN_ONLY}
-    identity = config_fingerprint({"config": config, "input": input_fingerprint})
-    out = Location(cfg["output"])
-    out.makedirs()
-    if out.exists(MANIFEST):
-        manifest = out.read_json(MANIFEST)
-        if manifest.get("identity") == identity and not cfg["retry_failed"]:
-            print(f"crawl: {out.url} is already complete ({manifest['counts']['success']} images); nothing to do")
-            return manifest
-    settings = worker_settings(cfg, local_root)
-    record = _prepare(out, cfg, identity, table, bool(cfg["overwrite"]))
-    out.remove_temporaries()
-    shards = record["shards"]
-    todo = [i for i in range(shards) if not is_complete(out, i)]
-    crawl_started = time.time()
-    crawled: list[dict] = []
-    if todo:
-        out.remove(MANIFEST)
-        rows = sum(
-            min(record["number_sample_per_shard"], record["rows"] - i * record["number_sample_per_shard"]) for i in todo
-        )
-        resumed = shards - len(todo)
-        desc = f"crawl ({resumed} of {shards} shards already done)" if resumed else "crawl"
-        crawled = _run_shards(cfg, settings, [(i, "crawl") for i in todo], rows, desc)
-    retried = 0
-    if cfg["retry_failed"]:
-        transient = [i for i in range(shards) if _reasons(out.read_json(shard_files(i)[2])) & TRANSIENT_REASONS]
-        if transient:
-            out.remove(MANIFEST)
-            results = _run_shards(cfg, settings, [(i, "retry") for i in transient], 0, "retry")
-            retried = sum(r["retried"] for r in results)
-    crawl_seconds = time.time() - crawl_started
-    counts, file_hashes = totals(out, shards)
-    lost = record["rows"] - counts["rows"]
-    if lost or sum(counts[s] for s in STATUSES) != counts["rows"]:
-        raise RuntimeError(f"crawl of {out.url} accounts for {counts['rows']} of {record['rows']} input rows")
-    run = {
-        "shards_crawled": len(crawled),
-        "rows_retried": retried,
-        "successes_this_run": sum(r["successes"] for r in crawled),
-        "crawl_seconds": round(crawl_seconds, 3),
-    }
-    manifest = write_manifest(
-        out,
-        "crawl",
-        cfg,
-        counts,
-        file_hashes,
-        started,
-        identity=identity,
-        input_fingerprint=input_fingerprint,
-        last_run=run,
-    )
-    print(summary(counts, run))
-    return manifest
+    return drive(CrawlStage(cfg))
 
 
 def summary(counts: dict, run: dict) -> str:

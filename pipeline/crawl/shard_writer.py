@@ -1,8 +1,9 @@
 """One crawl shard on disk, in img2dataset's webdataset layout.
 
 `{shard:05d}.tar` holds `{key}.jpg|txt|json` for every success; `{shard:05d}.parquet` holds a row for *every*
-input row of the shard (success or not); `{shard:05d}_stats.json` is written last and marks the shard done.
-All three are written under temporary names and renamed, the stats file last.
+input row of the shard (success or not); `{shard:05d}_stats.json` is written last, and the stage driver's done
+record (`_work/done/{shard:05d}.json`, the same stats) after it. All three are written under temporary names
+and renamed, the stats file last.
 """
 
 from __future__ import annotations
@@ -45,10 +46,6 @@ def shard_name(shard_id: int) -> str:
 def shard_files(shard_id: int) -> tuple[str, str, str]:
     name = shard_name(shard_id)
     return f"{name}.tar", f"{name}.parquet", f"{name}_stats.json"
-
-
-def is_complete(location: Location, shard_id: int) -> bool:
-    return all(location.exists(f) for f in shard_files(shard_id))
 
 
 def output_schema(extra_fields: list[pa.Field]) -> pa.Schema:

@@ -3,30 +3,28 @@ make of them: `{key}.latent.npy` (the autoencoder posterior's mean and log-varia
 `{key}.text.npy` (the CLIP text encoder's states, (T, D)) and `{key}.txt`; with `keep_images`, the image too.
 UNet training on these skips both encoders (MosaicML measured ≈1.4× on SD; `bench/train_ldm.py` ours).
 
-One `ShardEncoder` actor call per input shard, each writing its tar and then a done record; a rerun after a
-kill encodes only the shards without one. Samples that cannot be decoded are listed in `errors.parquet`
-with their reason. `sizes.json` and `manifest.json` come last.
+One `ShardEncoder` actor call per input shard, each writing its tar, after which the stage driver
+(`pipeline.stage`) writes its done record; a rerun after a kill encodes only the shards without one.
+Samples that cannot be decoded are listed in `errors.parquet` with their reason. `sizes.json` and
+`manifest.json` come last.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import time
 
 import numpy as np
 import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from pipeline.errors import StageError
-from pipeline.ray_setup import actor_count, init_ray, quiet_ray_data
-from pipeline.storage import MANIFEST, Location, claim_output, config_fingerprint, write_manifest
+from pipeline.stage import Finished, Run, Stage, drive
+from pipeline.storage import MANIFEST, Location, config_fingerprint
 from pipeline.tar_io import TarSampleWriter, iter_tar_samples
 
 RUN_ONLY = {"output", "processes", "overwrite", "progress", "ray", "batch_size"}
-DONE_DIR = "_done"
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -80,8 +78,8 @@ class ShardEncoder:
                 sample[item["ext"]] = item["bytes"]
             writer.add(sample)
 
-    def __call__(self, batch: dict) -> dict:
-        name = str(batch["shard"][0])
+    def __call__(self, name: str) -> dict:
+        """Encode the input tar `name` into the output tar of that name; returns its done record."""
         source, out = Location(self.cfg["input"]), Location(self.cfg["output"])
         writer = TarSampleWriter(out, name)
         errors, pending, written = [], [], 0
@@ -105,9 +103,7 @@ class ShardEncoder:
         except BaseException:
             writer.abort()
             raise
-        record = {"shard": name, "samples": written, "sha256": sha, "errors": errors}
-        out.write_json(f"{DONE_DIR}/{name}.json", record)  # after the tar's rename: a record means a whole tar
-        return {"result": [json.dumps({"shard": name, "samples": written, "errors": len(errors)})]}
+        return {"shard": name, "samples": written, "sha256": sha, "errors": errors}
 
 
 def _input_shards(source: Location) -> dict[str, int | None]:
@@ -121,78 +117,68 @@ def _input_shards(source: Location) -> dict[str, int | None]:
     return {n: sizes.get(n) for n in names}
 
 
+class EncodeStage(Stage):
+    """Units are the input tars ("00000.tar"), each encoded into the output tar of the same name by a
+    `ShardEncoder` actor. `_work/` goes once the manifest is written."""
+
+    name, what = "encode", "an encoded shard set"
+
+    def __init__(self, cfg: dict):
+        self.started = time.time()
+        for key in ("input", "output", "vae", "clip"):
+            if "://" not in str(cfg[key]):  # Ray workers may run in another directory than this driver
+                cfg[key] = os.path.abspath(os.path.expanduser(str(cfg[key])))
+        if cfg["dtype"] not in DTYPES:
+            raise StageError(f"dtype={cfg['dtype']!r}; expected float32 or float16")
+        from training.diffusion.autoencoder import vae_folder
+        from training.diffusion.unet import require_text_encoder_folder
+
+        vae_folder(cfg["vae"]), require_text_encoder_folder(cfg["clip"])  # a bad folder fails here, before Ray starts
+        source = Location(cfg["input"])
+        self.shards = _input_shards(source)
+        self.source_hash = source.read_json(MANIFEST)["content_hash"] if source.exists(MANIFEST) else None
+        self.identity = config_fingerprint(
+            {
+                "config": {k: v for k, v in cfg.items() if k not in RUN_ONLY},
+                "input": self.source_hash,
+                "shards": self.shards,
+            }
+        )
+        self.cfg, self.output = cfg, Location(cfg["output"])
+
+    def plan(self, work: Location) -> dict:
+        return {"units": list(self.shards)}
+
+    def worker(self, retry: bool) -> tuple[type, dict]:
+        return ShardEncoder, {"cfg": self.cfg}
+
+    def bar(self, run: Run, units: list[str], retry: bool) -> dict:
+        return {"total": sum(self.shards[n] or 0 for n in units) or None, "desc": "encode", "unit": "sample"}
+
+    def advance(self, bar, record: dict) -> None:
+        bar.update(record["samples"])
+
+    def finish(self, run: Run) -> Finished:
+        out, done = self.output, list(run.done.values())
+        errors = [e for d in done for e in d["errors"]]
+        out.write_parquet(
+            "errors.parquet",
+            pa.Table.from_pylist(
+                errors, schema=pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
+            ),
+        )
+        out.write_json("sizes.json", {d["shard"]: d["samples"] for d in done})
+        samples = sum(d["samples"] for d in done)
+        counts = {"samples": samples, "errors": len(errors), "shards": len(done)}
+        summary = (
+            f"encode summary: {samples} samples encoded, {len(errors)} unreadable (errors.parquet), "
+            f"{len(done)} shards → {out.url} in {time.time() - self.started:.1f} s"
+        )
+        hashes = {d["shard"]: d["sha256"] for d in done}
+        return Finished(counts, hashes, {"input_content_hash": self.source_hash}, summary)
+
+
 def encode(cfg: DictConfig | dict) -> dict:
     """Run the encode stage; returns its manifest."""
-    started = time.time()
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    for key in ("input", "output", "vae", "clip"):
-        if "://" not in str(cfg[key]):  # Ray workers may run in another directory than this driver
-            cfg[key] = os.path.abspath(os.path.expanduser(str(cfg[key])))
-    if cfg["dtype"] not in DTYPES:
-        raise StageError(f"dtype={cfg['dtype']!r}; expected float32 or float16")
-    from training.diffusion.autoencoder import vae_folder
-    from training.diffusion.unet import require_text_encoder_folder
-
-    vae_folder(cfg["vae"]), require_text_encoder_folder(cfg["clip"])  # a bad folder fails here, before Ray starts
-    source, out = Location(cfg["input"]), Location(cfg["output"])
-    shards = _input_shards(source)
-    source_hash = source.read_json(MANIFEST)["content_hash"] if source.exists(MANIFEST) else None
-    identity = config_fingerprint(
-        {"config": {k: v for k, v in cfg.items() if k not in RUN_ONLY}, "input": source_hash, "shards": shards}
-    )
-    out.makedirs()
-    if out.exists(MANIFEST) and out.read_json(MANIFEST).get("identity") == identity:
-        manifest = out.read_json(MANIFEST)
-        print(f"encode: {out.url} is already complete ({manifest['counts']['samples']} samples); nothing to do")
-        return manifest
-    if not claim_output(out, f"{DONE_DIR}/identity.json", identity, bool(cfg["overwrite"]), "an encoded shard set"):
-        out.makedirs(DONE_DIR)
-        out.write_json(f"{DONE_DIR}/identity.json", {"identity": identity})
-    out.remove_temporaries()
-    todo = [n for n in shards if not out.exists(f"{DONE_DIR}/{n}.json")]
-    if todo:
-        _run(cfg, todo, sum(shards[n] or 0 for n in todo) or None)
-    done = [out.read_json(f"{DONE_DIR}/{n}.json") for n in shards]
-    errors = [e for d in done for e in d["errors"]]
-    out.write_parquet(
-        "errors.parquet",
-        pa.Table.from_pylist(
-            errors, schema=pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
-        ),
-    )
-    out.write_json("sizes.json", {d["shard"]: d["samples"] for d in done})
-    samples = sum(d["samples"] for d in done)
-    counts = {"samples": samples, "errors": len(errors), "shards": len(done)}
-    manifest = write_manifest(
-        out,
-        "encode",
-        cfg,
-        counts,
-        {d["shard"]: d["sha256"] for d in done},
-        started,
-        identity=identity,
-        input_content_hash=source_hash,
-    )
-    out.remove(DONE_DIR)  # after the manifest: a rerun finds the manifest and does nothing
-    print(
-        f"encode summary: {samples} samples encoded, {len(errors)} unreadable (errors.parquet), "
-        f"{len(done)} shards → {out.url} in {time.time() - started:.1f} s"
-    )
-    return manifest
-
-
-def _run(cfg: dict, todo: list[str], samples: int | None) -> None:
-    import ray
-
-    init_ray(cfg["ray"]["num_cpus"])
-    quiet_ray_data()
-    dataset = ray.data.from_items([{"shard": n} for n in todo], override_num_blocks=len(todo)).map_batches(
-        ShardEncoder,
-        fn_constructor_kwargs={"cfg": cfg},
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=actor_count(cfg["processes"], len(todo))),
-        num_cpus=1,
-    )
-    with tqdm(total=samples, desc="encode", unit="sample", disable=not cfg["progress"], smoothing=0) as bar:
-        for row in dataset.iter_rows():
-            bar.update(json.loads(row["result"])["samples"])
+    return drive(EncodeStage(cfg))

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import StageError
 from pipeline.filter.report import funnel_chart, funnel_table, log_filter
+from pipeline.stage import already_complete
 from pipeline.storage import MANIFEST, Location, config_fingerprint, write_manifest
 
 SELECTION = "selection.parquet"
@@ -90,9 +91,9 @@ def filter_samples(cfg: DictConfig | dict) -> dict:
         raise StageError(f"input {meta_dir.url} has no manifest.json: annotate has not finished there")
     input_hash = meta_dir.read_json(MANIFEST)["content_hash"]
     identity = config_fingerprint({"filter": cfg["filter"], "input": input_hash})
-    if out.exists(MANIFEST) and out.read_json(MANIFEST).get("identity") == identity:
-        manifest = out.read_json(MANIFEST)
-        print(f"filter: {out.url} is already complete ({manifest['counts']['kept']} kept); nothing to do")
+    # One in-memory pass, no units to resume: of the stage driver only its completion check applies.
+    manifest = already_complete("filter", out, identity, lambda m: f"{m['counts']['kept']} kept")
+    if manifest:
         return manifest
     rules = build_rules(cfg["filter"])
     columns = sorted({"key", "shard", "error", *(c for _, rule in rules for c in rule.columns)})

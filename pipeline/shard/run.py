@@ -2,13 +2,12 @@
 (open_clip counts samples from it) and `manifest.json`, both last.
 
 The plan (which key goes to which tar, in which order, and where its bytes are in the raw tars) is written
-first; tars are then written in parallel, each recorded as done after its rename. A rerun after a kill
-writes only the tars without a record, and the same seed gives the same bytes.
+first; tars are then written in parallel, each recorded as done after its rename (`pipeline.stage.drive`).
+A rerun after a kill writes only the tars without a record, and the same seed gives the same bytes.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -17,12 +16,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from pipeline.errors import StageError
-from pipeline.ray_setup import actor_count, init_ray, quiet_ray_data
-from pipeline.shard.writer import PLAN_DIR, TrainingShardWriter, done_name, output_name
-from pipeline.storage import MANIFEST, Location, claim_output, config_fingerprint, write_manifest
+from pipeline.shard.writer import TrainingShardWriter, output_name
+from pipeline.stage import Finished, Run, Stage, drive
+from pipeline.storage import MANIFEST, Location, config_fingerprint
 from pipeline.tar_io import tar_index
 
 RUN_ONLY = {"input", "selection", "output", "processes", "overwrite", "progress", "ray"}
@@ -52,90 +50,74 @@ def _index(raw: Location, shards: list[str]) -> pa.Table:
     return pa.table(columns)
 
 
-def _plan(cfg: dict, out: Location, raw: Location, kept: pa.Table, identity: str) -> dict:
-    existing = claim_output(out, f"{PLAN_DIR}/plan.json", identity, bool(cfg["overwrite"]), "a shard set")
-    if existing:
-        return existing
-    plan_dir = Location(out.path(PLAN_DIR))
-    plan_dir.makedirs("done")
-    n, per = kept.num_rows, int(cfg["samples_per_shard"])
-    order = np.random.default_rng(int(cfg["seed"])).permutation(n)  # position p holds kept row order[p]
-    assignment = pa.table({"key": kept["key"].take(order), "out_shard": np.arange(n) // per, "position": np.arange(n)})
-    index = _index(raw, sorted(set(kept["shard"].to_pylist())))
-    members = index.filter(pc.is_in(index["key"], value_set=pa.array(kept["key"].to_pylist(), pa.string())))
-    missing = n - len(set(members["key"].to_pylist()))
-    if missing:
-        raise StageError(
-            f"{missing} selected samples are not in the raw shards of {raw.url}; was the selection made from them?"
+class ShardStage(Stage):
+    """Units are output tars ("00003"); the plan under `_work/` says which key goes to which tar, in which
+    order, and where its bytes are in the raw tars. `_work/` goes once the manifest is written."""
+
+    name, what = "shard", "a shard set"
+
+    def __init__(self, cfg: dict):
+        self.started = time.time()
+        for key in ("input", "selection", "output"):
+            if "://" not in str(cfg[key]):  # Ray workers may run in another directory than this driver
+                cfg[key] = os.path.abspath(os.path.expanduser(str(cfg[key])))
+        if int(cfg["samples_per_shard"]) < 1:
+            raise StageError(f"samples_per_shard={cfg['samples_per_shard']}; expected a positive integer")
+        self.cfg, self.raw, self.output = cfg, Location(cfg["input"]), Location(cfg["output"])
+        self.kept, self.selection_hash = _selected(Location(cfg["selection"]))
+        self.raw_hash = self.raw.read_json(MANIFEST)["content_hash"] if self.raw.exists(MANIFEST) else None
+        self.identity = config_fingerprint(
+            {
+                "config": {k: v for k, v in cfg.items() if k not in RUN_ONLY},
+                "selection": self.selection_hash,
+                "raw": self.raw_hash,
+            }
         )
-    out.write_parquet(f"{PLAN_DIR}/assignment.parquet", assignment)
-    out.write_parquet(f"{PLAN_DIR}/members.parquet", members)
-    record = {"identity": identity, "samples": n, "shards": (n + per - 1) // per}
-    plan_dir.write_json("plan.json", record)  # last: a plan.json means the plan is whole
-    return record
+        self.per = int(cfg["samples_per_shard"])
 
+    def plan(self, work: Location) -> dict:
+        kept, n, per = self.kept, self.kept.num_rows, self.per
+        order = np.random.default_rng(int(self.cfg["seed"])).permutation(n)  # position p holds kept row order[p]
+        assignment = pa.table(
+            {"key": kept["key"].take(order), "out_shard": np.arange(n) // per, "position": np.arange(n)}
+        )
+        index = _index(self.raw, sorted(set(kept["shard"].to_pylist())))
+        members = index.filter(pc.is_in(index["key"], value_set=pa.array(kept["key"].to_pylist(), pa.string())))
+        missing = n - len(set(members["key"].to_pylist()))
+        if missing:
+            raise StageError(
+                f"{missing} selected samples are not in the raw shards of {self.raw.url}; "
+                "was the selection made from them?"
+            )
+        work.write_parquet("assignment.parquet", assignment)
+        work.write_parquet("members.parquet", members)
+        shards = (n + per - 1) // per
+        return {"units": [f"{i:05d}" for i in range(shards)], "samples": n, "shards": shards}
 
-def _write_shards(cfg: dict, todo: list[int], samples: int) -> None:
-    import ray
+    def worker(self, retry: bool) -> tuple[type, dict]:
+        return TrainingShardWriter, {"raw_url": self.cfg["input"], "output_url": self.cfg["output"]}
 
-    init_ray(cfg["ray"]["num_cpus"])
-    quiet_ray_data()
-    dataset = ray.data.from_items([{"index": i} for i in todo], override_num_blocks=len(todo)).map_batches(
-        TrainingShardWriter,
-        fn_constructor_kwargs={"raw_url": cfg["input"], "output_url": cfg["output"]},
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=actor_count(cfg["processes"], len(todo))),
-        num_cpus=1,
-    )
-    with tqdm(total=samples, desc="shard", unit="sample", disable=not cfg["progress"], smoothing=0) as bar:
-        for row in dataset.iter_rows():
-            bar.update(json.loads(row["result"])["samples"])
+    def bar(self, run: Run, units: list[str], retry: bool) -> dict:
+        samples = sum(min(self.per, run.plan["samples"] - int(u) * self.per) for u in units)
+        return {"total": samples, "desc": "shard", "unit": "sample"}
+
+    def advance(self, bar, record: dict) -> None:
+        bar.update(record["samples"])
+
+    def finish(self, run: Run) -> Finished:
+        done, samples, shards = list(run.done.values()), run.plan["samples"], run.plan["shards"]
+        sizes = {output_name(d["index"]): d["samples"] for d in done}
+        if sum(sizes.values()) != samples:
+            held = sum(sizes.values())
+            raise RuntimeError(f"shards in {self.output.url} hold {held} samples; the plan has {samples}")
+        self.output.write_json("sizes.json", sizes)
+        counts = {"samples": samples, "shards": shards, "samples_per_shard": self.per}
+        extra = {"selection_content_hash": self.selection_hash, "raw_content_hash": self.raw_hash}
+        summary = f"shard summary: {samples} samples in {shards} tars of up to {self.per} → {self.output.url}"
+        return Finished(counts, {output_name(d["index"]): d["sha256"] for d in done}, extra, summary)
 
 
 def shard(cfg: DictConfig | dict) -> dict:
     """Run the shard stage; returns its manifest."""
-    started = time.time()
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    for key in ("input", "selection", "output"):
-        if "://" not in str(cfg[key]):  # Ray workers may run in another directory than this driver
-            cfg[key] = os.path.abspath(os.path.expanduser(str(cfg[key])))
-    if int(cfg["samples_per_shard"]) < 1:
-        raise StageError(f"samples_per_shard={cfg['samples_per_shard']}; expected a positive integer")
-    raw, out = Location(cfg["input"]), Location(cfg["output"])
-    kept, selection_hash = _selected(Location(cfg["selection"]))
-    raw_hash = raw.read_json(MANIFEST)["content_hash"] if raw.exists(MANIFEST) else None
-    identity = config_fingerprint(
-        {"config": {k: v for k, v in cfg.items() if k not in RUN_ONLY}, "selection": selection_hash, "raw": raw_hash}
-    )
-    out.makedirs()
-    if out.exists(MANIFEST) and out.read_json(MANIFEST).get("identity") == identity:
-        manifest = out.read_json(MANIFEST)
-        print(f"shard: {out.url} is already complete ({manifest['counts']['samples']} samples); nothing to do")
-        return manifest
-    record = _plan(cfg, out, raw, kept, identity)
-    out.remove_temporaries()
-    out.remove(MANIFEST)
-    todo = [i for i in range(record["shards"]) if not out.exists(done_name(i))]
-    per = int(cfg["samples_per_shard"])
-    if todo:
-        _write_shards(cfg, todo, sum(min(per, record["samples"] - i * per) for i in todo))
-    done = [out.read_json(done_name(i)) for i in range(record["shards"])]
-    sizes = {output_name(d["index"]): d["samples"] for d in done}
-    if sum(sizes.values()) != record["samples"]:
-        raise RuntimeError(f"shards in {out.url} hold {sum(sizes.values())} samples; the plan has {record['samples']}")
-    out.write_json("sizes.json", sizes)
-    counts = {"samples": record["samples"], "shards": record["shards"], "samples_per_shard": per}
-    manifest = write_manifest(
-        out,
-        "shard",
-        cfg,
-        counts,
-        {output_name(d["index"]): d["sha256"] for d in done},
-        started,
-        identity=identity,
-        selection_content_hash=selection_hash,
-        raw_content_hash=raw_hash,
-    )
-    out.remove(PLAN_DIR)  # after the manifest: a rerun finds the manifest and does nothing
-    print(f"shard summary: {record['samples']} samples in {record['shards']} tars of up to {per} → {out.url}")
-    return manifest
+    return drive(ShardStage(cfg))
