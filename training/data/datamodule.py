@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from training.clip.model import CLIP_MEAN, CLIP_STD
-from training.data.shards import ShardList, SlotPlan, list_shards, plan_epoch
+from training.data.shards import ShardList, SlotPlan, list_shards, next_worker, plan_epoch
 from training.data.transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class ShardStream(IterableDataset):
         resampled: bool,
         epoch_samples: int | None,
         skip_batches: int = 0,
+        skip_corrupt: list[int] | None = None,
         shuffle_buffer: int = 1000,
         shuffle_initial: int = 100,
         image_keys: str = "jpg;jpeg;png;webp",
@@ -75,6 +76,7 @@ class ShardStream(IterableDataset):
             resampled=resampled,
             epoch_samples=epoch_samples,
             skip_batches=skip_batches,
+            skip_corrupt=skip_corrupt,
         )
 
     def __len__(self) -> int:
@@ -90,11 +92,12 @@ class ShardStream(IterableDataset):
         batches = wds.batched(self.batch_size, collation_fn=self._collate, partial=False)(self._samples(plan))
         yield from itertools.islice(batches, plan.batches - plan.skip_batches)
 
-    def _read(self, plan: SlotPlan, urls, seed: int):
-        """Samples of `urls`, this slot's share, through the shuffle buffer."""
-        samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)({"url": url} for url in urls)
-        if plan.stride > 1:
-            samples = itertools.islice(samples, plan.offset, None, plan.stride)
+    @staticmethod
+    def _shard_samples(urls):
+        return wds.tarfile_to_samples(handler=wds.warn_and_continue)({"url": url} for url in urls)
+
+    def _read(self, samples, seed: int):
+        """`samples` through the shuffle buffer."""
         if self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, self.shuffle_initial, seed=seed)(samples)
         return samples
@@ -103,15 +106,17 @@ class ShardStream(IterableDataset):
         if self.resampled:
             rng = np.random.default_rng(plan.seed)
             draws = (plan.urls[int(rng.integers(len(plan.urls)))] for _ in itertools.count())
-            samples = self._read(plan, draws, plan.seed)
+            samples = self._read(self._shard_samples(draws), plan.seed)
         else:
             # Each pass is shuffled on its own, so a top-up pass (only reached when corrupt samples left the
             # slot short) never mixes into the first.
             samples = itertools.chain.from_iterable(
-                self._read(plan, plan.urls, plan.seed + p) for p in range(TOP_UP_PASSES)
+                self._read(self._segment_samples(plan.segments), plan.seed + p) for p in range(TOP_UP_PASSES)
             )
         # A resumed run skips what it trained, before any decoding: the stream is a function of the plan.
-        samples = itertools.islice(samples, plan.skip_batches * self.batch_size, None)
+        # Trained batches consumed batch_size samples each plus the corrupt ones dropped on the way (counted
+        # as they reached the model), so the skip lands exactly where the interrupted run stopped.
+        samples = itertools.islice(samples, plan.skip_batches * self.batch_size + plan.skip_corrupt, None)
         self._corrupt = 0
         for sample in samples:
             decoded = self._decode(sample)
@@ -119,6 +124,11 @@ class ShardStream(IterableDataset):
                 self._corrupt += 1
             else:
                 yield decoded
+
+    def _segment_samples(self, segments):
+        """The samples of each segment: a shard read from its start, up to the segment's end."""
+        for segment in segments:
+            yield from itertools.islice(self._shard_samples([segment.url]), segment.start, segment.stop)
 
     def _decode(self, sample: dict) -> dict | None:
         """Image tensor + caption, or None for a sample that cannot be used (logged, never raised)."""
@@ -254,7 +264,9 @@ class ShardDataModule(pl.LightningDataModule):
             return self._unaugmented(self.validation_shards, rank, world, max(1, self.num_workers))
         self._require_attached()
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        skip = self._resume["batches"] if self._resume and self._resume["epoch"] == epoch else 0
+        resuming = bool(self._resume) and self._resume["epoch"] == epoch
+        skip = self._resume["batches"] if resuming else 0
+        corrupt = self._resume.get("corrupt") if resuming else None
         return ShardStream(
             self.train_shards,
             transform=TrainTransform(
@@ -265,6 +277,7 @@ class ShardDataModule(pl.LightningDataModule):
             resampled=self.resampled,
             epoch_samples=self.epoch_samples,
             skip_batches=skip,
+            skip_corrupt=corrupt,
             shuffle_buffer=self.shuffle_buffer,
             shuffle_initial=self.shuffle_initial,
             **self._common(rank, world, max(1, self.num_workers)),
@@ -308,8 +321,11 @@ class ShardDataModule(pl.LightningDataModule):
 
     def started_epoch(self, train: bool, stream: ShardStream) -> None:
         if train:
+            by_worker = sorted(stream.plans, key=lambda p: p.worker)
+            self._quota = [p.batches for p in by_worker]
             skipped = sum(p.skip_batches for p in stream.plans)
-            self._trained = {"epoch": stream.epoch, "batches": skipped}
+            corrupt = [p.skip_corrupt for p in by_worker]
+            self._trained = {"epoch": stream.epoch, "batches": skipped, "corrupt": corrupt}
             self._resume = None
 
     def train_dataloader(self):
@@ -321,6 +337,10 @@ class ShardDataModule(pl.LightningDataModule):
     # Resume position: counted as batches reach the model, saved in checkpoints by Lightning.
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         if self.trainer is not None and self.trainer.training:
+            # The worker that made this batch, by the loader's round robin: its dropped samples are part of
+            # the position a resume skips to.
+            worker = next_worker(self._quota, self._trained["batches"])
+            self._trained["corrupt"][worker] += int(batch.get("corrupt", 0))
             self._trained["batches"] += 1
         return batch
 

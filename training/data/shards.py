@@ -1,15 +1,18 @@
 """Which samples each rank and each loader worker reads in an epoch, decided from shard sizes alone.
 
 Every rank computes the same plan from (seed, epoch, world size, workers), so no coordination is needed:
-- *Exact epochs* (`resampled=false`): the shard list is shuffled per epoch and dealt to the
-  `world × workers` reading slots; with fewer shards than slots, every slot reads all shards and keeps every
-  `slots`-th sample instead. No sample is read twice in an epoch.
+- *Exact epochs* (`resampled=false`), planned by samples, not by shards: the shard list is shuffled per
+  epoch and read as one sequence of samples, cut into `world × workers` contiguous ranges, one per reading
+  slot, each exactly as long as its slot's batches need. A slot reads whole shards, and at most two partial
+  ones at its ends (a shard split between neighbouring slots is read up to the cut by the first). No sample
+  is read twice in an epoch and every epoch reads all but fewer than `world × batch_size` samples, whatever
+  the number of shards, ranks and workers (dealing whole shards to slots instead, and cutting every rank to
+  the shortest, reads half the samples of 1,000 shards on 64 GPUs × 8 workers).
 - *Resampled* (`resampled=true`): each slot draws shards with replacement, endlessly (open_clip's mode for
   streams with no natural epoch).
-Each rank then runs the same number of batches (DDP and FSDP need that): the smallest rank's count, or the
-configured epoch length in samples, whichever is smaller. `round_robin` says how many of those batches each
-worker supplies, since a DataLoader takes one batch from each worker in turn; the same function tells a
-resumed run how many batches each worker must skip.
+Each rank runs the same number of batches (DDP and FSDP need that). `round_robin` says how many of those
+batches each worker supplies, since a DataLoader takes one batch from each worker in turn; the same function
+tells a resumed run how many batches each worker must skip.
 """
 
 from __future__ import annotations
@@ -99,15 +102,40 @@ def next_worker(counts: list[int], done: int) -> int:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """Samples [start, stop) of one shard, counted in the order the shard stores them."""
+
+    url: str
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
 class SlotPlan:
     """What one (rank, worker) reads in one epoch."""
 
-    urls: tuple[str, ...]
-    stride: int  # keep every stride-th sample (1: all) …
-    offset: int  # … starting at this one
+    segments: tuple[Segment, ...]  # exact epochs: these samples, in this order …
+    urls: tuple[str, ...]  # … resampled: shards drawn from these
     batches: int  # batches it yields this epoch
-    skip_batches: int  # batches already trained before a resume, skipped unread
+    skip_batches: int  # batches already trained before a resume, skipped unread …
+    skip_corrupt: int  # … with the corrupt samples dropped while they were made, skipped unread too
     seed: int  # for its shard draws and shuffle buffer
+    worker: int  # its slot among the rank's workers (the plan list is rotated for a resume)
+
+
+def slot_segments(sizes: np.ndarray, order: np.ndarray, urls: tuple[str, ...], start: int, stop: int):
+    """The samples [start, stop) of the shards read in `order`, as segments of those shards."""
+    ends = np.cumsum(sizes[order])  # sample count after each shard of the sequence
+    first = int(np.searchsorted(ends, start, side="right"))
+    segments = []
+    for position in range(first, len(order)):
+        shard_start = int(ends[position] - sizes[order[position]])
+        if shard_start >= stop:
+            break
+        lo, hi = max(start, shard_start) - shard_start, min(stop, int(ends[position])) - shard_start
+        if hi > lo:
+            segments.append(Segment(urls[order[position]], lo, hi))
+    return tuple(segments)
 
 
 def plan_epoch(
@@ -122,40 +150,37 @@ def plan_epoch(
     resampled: bool,
     epoch_samples: int | None,
     skip_batches: int = 0,
+    skip_corrupt: list[int] | None = None,
 ) -> list[SlotPlan]:
-    """The plan of every worker of `rank`; `batch_size` is per rank. Identical on every rank."""
-    slots = world * workers
-    budget = (epoch_samples if epoch_samples else shards.samples) // (batch_size * world)  # batches per rank
-    if resampled:
-        per_worker = [[budget] * workers for _ in range(world)]  # endless streams: the budget binds
-        assignment = [shards.urls] * slots
-        stride = 1
-    else:
-        order = np.random.default_rng([seed, epoch]).permutation(len(shards.urls))
-        if len(shards.urls) >= slots:
-            assignment = [tuple(shards.urls[i] for i in order[s::slots]) for s in range(slots)]
-            samples = [sum(shards.sizes[i] for i in order[s::slots]) for s in range(slots)]
-            stride = 1
-        else:  # too few shards to deal out: everyone reads all, keeps its share
-            assignment = [tuple(shards.urls[i] for i in order)] * slots
-            samples = [(shards.samples - s + slots - 1) // slots for s in range(slots)]
-            stride = slots
-        per_worker = [[samples[r * workers + w] // batch_size for w in range(workers)] for r in range(world)]
-    epoch_batches = min(budget, *(sum(c) for c in per_worker))
-    quota = round_robin(per_worker[rank], epoch_batches)
+    """The plan of every worker of `rank`; `batch_size` is per rank. Identical on every rank. A resume gives
+    the batches trained and, per worker, the corrupt samples dropped while making them."""
+    total = shards.samples if resampled else min(epoch_samples or shards.samples, shards.samples)
+    epoch_batches = (epoch_samples if resampled and epoch_samples else total) // (batch_size * world)  # per rank
+    # Workers of a rank share its batches as evenly as they can; every rank splits them the same way.
+    quota = [epoch_batches // workers + (1 if w < epoch_batches % workers else 0) for w in range(workers)]
     skip = min(skip_batches, epoch_batches)
     done = round_robin(quota, skip)
-    plans = [
-        SlotPlan(
-            urls=assignment[rank * workers + w],
-            stride=stride,
-            offset=rank * workers + w if stride > 1 else 0,
-            batches=quota[w],
-            skip_batches=done[w],
-            seed=int(np.random.SeedSequence([seed, epoch, rank * workers + w]).generate_state(1)[0]),
+    sizes = np.asarray(shards.sizes, dtype=np.int64)
+    order = np.random.default_rng([seed, epoch]).permutation(len(shards.urls))
+    plans = []
+    for w in range(workers):
+        slot = rank * workers + w
+        if resampled:
+            segments = ()
+        else:  # slots take consecutive ranges of the shuffled sequence, slot 0 first
+            start = (rank * epoch_batches + sum(quota[:w])) * batch_size
+            segments = slot_segments(sizes, order, shards.urls, start, start + quota[w] * batch_size)
+        plans.append(
+            SlotPlan(
+                segments=segments,
+                urls=shards.urls if resampled else (),
+                batches=quota[w],
+                skip_batches=done[w],
+                skip_corrupt=int(skip_corrupt[w]) if skip_corrupt and skip else 0,
+                seed=int(np.random.SeedSequence([seed, epoch, slot]).generate_state(1)[0]),
+                worker=w,
+            )
         )
-        for w in range(workers)
-    ]
     # A loader always starts with its worker 0: after a resume, worker 0 must read the slot that was next.
     first = next_worker(quota, skip)
     return plans[first:] + plans[:first]
