@@ -47,7 +47,10 @@ def _index(raw: Location, shards: list[str]) -> pa.Table:
                 columns["ext"].append(ext)
                 columns["offset"].append(offset)
                 columns["size"].append(size)
-    return pa.table(columns)
+    # Typed even when empty: a selection that keeps nothing is a valid (empty) shard set, not a type error.
+    schema = pa.schema([("key", pa.string()), ("shard", pa.string()), ("ext", pa.string()), ("offset", pa.int64()),
+                        ("size", pa.int64())])  # fmt: skip
+    return pa.table(columns, schema=schema)
 
 
 class ShardStage(Stage):

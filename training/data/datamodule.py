@@ -111,7 +111,7 @@ class ShardStream(IterableDataset):
             # Each pass is shuffled on its own, so a top-up pass (only reached when corrupt samples left the
             # slot short) never mixes into the first.
             samples = itertools.chain.from_iterable(
-                self._read(self._segment_samples(plan.segments), plan.seed + p) for p in range(TOP_UP_PASSES)
+                self._read(self._segment_samples(plan), plan.seed + p) for p in range(TOP_UP_PASSES)
             )
         # A resumed run skips what it trained, before any decoding: the stream is a function of the plan.
         # Trained batches consumed batch_size samples each plus the corrupt ones dropped on the way (counted
@@ -125,10 +125,18 @@ class ShardStream(IterableDataset):
             else:
                 yield decoded
 
-    def _segment_samples(self, segments):
-        """The samples of each segment: a shard read from its start, up to the segment's end."""
-        for segment in segments:
-            yield from itertools.islice(self._shard_samples([segment.url]), segment.start, segment.stop)
+    def _segment_samples(self, plan: SlotPlan):
+        """The slot's samples: each segment's shard read from its start up to the segment's end, then this
+        slot's chunks when slots share the sequence (small data)."""
+        samples = (
+            sample
+            for segment in plan.segments
+            for sample in itertools.islice(self._shard_samples([segment.url]), segment.start, segment.stop)
+        )
+        if plan.stride == 1:
+            return samples
+        chunk = self.batch_size
+        return (sample for i, sample in enumerate(samples) if (i // chunk) % plan.stride == plan.offset)
 
     def _decode(self, sample: dict) -> dict | None:
         """Image tensor + caption, or None for a sample that cannot be used (logged, never raised)."""

@@ -4,10 +4,13 @@ Every rank computes the same plan from (seed, epoch, world size, workers), so no
 - *Exact epochs* (`resampled=false`), planned by samples, not by shards: the shard list is shuffled per
   epoch and read as one sequence of samples, cut into `world × workers` contiguous ranges, one per reading
   slot, each exactly as long as its slot's batches need. A slot reads whole shards, and at most two partial
-  ones at its ends (a shard split between neighbouring slots is read up to the cut by the first). No sample
-  is read twice in an epoch and every epoch reads all but fewer than `world × batch_size` samples, whatever
-  the number of shards, ranks and workers (dealing whole shards to slots instead, and cutting every rank to
-  the shortest, reads half the samples of 1,000 shards on 64 GPUs × 8 workers).
+  ones at its ends (a shard split between neighbouring slots is read up to the cut by the first). With
+  fewer shards than slots (small data), every slot reads the whole sequence, cut into batch-sized chunks,
+  and keeps its own: rank r's i-th batch is chunk i·world + r, so each global batch is the same set of
+  samples whatever the number of ranks. Either way no sample is read twice in an epoch and every epoch
+  reads all but fewer than `(world + 1) × batch_size` samples, whatever the number of shards, ranks and
+  workers (dealing whole shards to slots, and cutting every rank to the shortest, read half the samples of
+  1,000 shards on 64 GPUs × 8 workers).
 - *Resampled* (`resampled=true`): each slot draws shards with replacement, endlessly (open_clip's mode for
   streams with no natural epoch).
 Each rank runs the same number of batches (DDP and FSDP need that). `round_robin` says how many of those
@@ -115,7 +118,9 @@ class SlotPlan:
     """What one (rank, worker) reads in one epoch."""
 
     segments: tuple[Segment, ...]  # exact epochs: these samples, in this order …
-    urls: tuple[str, ...]  # … resampled: shards drawn from these
+    stride: int  # … keeping, of their batch-sized chunks, those whose number is `offset` mod `stride` (1: all)
+    offset: int
+    urls: tuple[str, ...]  # resampled: shards drawn from these
     batches: int  # batches it yields this epoch
     skip_batches: int  # batches already trained before a resume, skipped unread …
     skip_corrupt: int  # … with the corrupt samples dropped while they were made, skipped unread too
@@ -154,25 +159,36 @@ def plan_epoch(
 ) -> list[SlotPlan]:
     """The plan of every worker of `rank`; `batch_size` is per rank. Identical on every rank. A resume gives
     the batches trained and, per worker, the corrupt samples dropped while making them."""
-    total = shards.samples if resampled else min(epoch_samples or shards.samples, shards.samples)
-    epoch_batches = (epoch_samples if resampled and epoch_samples else total) // (batch_size * world)  # per rank
-    # Workers of a rank share its batches as evenly as they can; every rank splits them the same way.
-    quota = [epoch_batches // workers + (1 if w < epoch_batches % workers else 0) for w in range(workers)]
-    skip = min(skip_batches, epoch_batches)
-    done = round_robin(quota, skip)
+    slots = world * workers
     sizes = np.asarray(shards.sizes, dtype=np.int64)
     order = np.random.default_rng([seed, epoch]).permutation(len(shards.urls))
+    total = shards.samples if resampled else min(epoch_samples or shards.samples, shards.samples)
+    epoch_batches = (epoch_samples if resampled and epoch_samples else total) // (batch_size * world)  # per rank
+    strided = not resampled and len(shards.urls) < slots
+    if strided:  # worker w of rank r keeps chunks c with c mod slots = w·world + r (its batches, in order)
+        chunks = total // batch_size
+        keys = [w * world + rank for w in range(workers)]
+        quota = round_robin([(chunks - k + slots - 1) // slots for k in keys], min(epoch_batches, chunks // world))
+    else:  # workers of a rank share its batches as evenly as they can; every rank splits them the same way
+        quota = [epoch_batches // workers + (1 if w < epoch_batches % workers else 0) for w in range(workers)]
+    skip = min(skip_batches, epoch_batches)
+    done = round_robin(quota, skip)
+    whole = tuple(Segment(shards.urls[i], 0, int(sizes[i])) for i in order) if strided else ()
     plans = []
     for w in range(workers):
         slot = rank * workers + w
         if resampled:
             segments = ()
+        elif strided:
+            segments = whole
         else:  # slots take consecutive ranges of the shuffled sequence, slot 0 first
             start = (rank * epoch_batches + sum(quota[:w])) * batch_size
             segments = slot_segments(sizes, order, shards.urls, start, start + quota[w] * batch_size)
         plans.append(
             SlotPlan(
                 segments=segments,
+                stride=slots if strided else 1,
+                offset=w * world + rank if strided else 0,
                 urls=shards.urls if resampled else (),
                 batches=quota[w],
                 skip_batches=done[w],
