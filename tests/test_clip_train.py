@@ -289,3 +289,22 @@ def test_compiled_blocks_train_like_eager_ones(pairs64, tmp_path):
         losses[compiled] = _losses(uri)
     assert len(losses["true"]) == 3
     assert max(abs(a - b) for a, b in zip(losses["true"], losses["false"])) <= 1e-3, losses
+
+
+def test_checkpoints_keep_the_last_k_besides_last(pairs64, tmp_path):
+    """`checkpoint_keep=2`: the last two step checkpoints stay beside last.ckpt, older ones go."""
+    cfg = stage_config(
+        "train",
+        f"data.path={pairs64}",
+        f"output={tmp_path}/run",
+        "data.batch_size=16",
+        "trainer.max_steps=12",
+        "checkpoint_every=3",
+        "checkpoint_keep=2",
+        "tracking=false",
+        *SAME_DATA,
+    )
+    train(cfg)
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step00000009.ckpt", "step00000012.ckpt"]
+    assert torch.load(tmp_path / "run" / "checkpoints" / "step00000009.ckpt", weights_only=False)["global_step"] == 9

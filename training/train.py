@@ -9,6 +9,7 @@ The same command resumes: with `<output>/checkpoints/last.ckpt` present, trainin
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import time
@@ -62,6 +63,25 @@ def mlflow_logger(cfg: DictConfig, output: str):
     return logger
 
 
+def checkpointing(cfg: DictConfig, output: str) -> ModelCheckpoint:
+    """`checkpoints/last.ckpt` (what a rerun resumes from) every `checkpoint_every` steps, or every
+    `checkpoint_every_minutes` of wall clock when set (long steps, preemptible machines); with
+    `checkpoint_keep=k`, also the last k as `step<N>.ckpt`."""
+    minutes = cfg.get("checkpoint_every_minutes")
+    keep = int(cfg.get("checkpoint_keep") or 0)
+    return ModelCheckpoint(
+        dirpath=os.path.join(output, "checkpoints"),
+        every_n_train_steps=None if minutes else int(cfg.checkpoint_every),
+        train_time_interval=datetime.timedelta(minutes=float(minutes)) if minutes else None,
+        save_last=True,
+        save_top_k=keep,
+        monitor="step" if keep else None,  # the highest steps are the last ones
+        mode="max",
+        filename="step{step:08d}",
+        auto_insert_metric_name=False,
+    )
+
+
 class SeedPerRank(pl.Callback):
     """Every rank builds the model from `seed` (identical weights), then draws from `seed + global rank` (as
     open_clip does): otherwise W ranks draw the same noise, timesteps, dropout masks and posterior samples,
@@ -85,12 +105,7 @@ def train(cfg: DictConfig, prepare=None) -> float:
     recipe = instantiate(cfg.recipe)(cfg, datamodule, output)  # the task's own: training/<family>/recipe.py
     module = recipe.module
     callbacks = [
-        ModelCheckpoint(
-            dirpath=os.path.join(output, "checkpoints"),
-            every_n_train_steps=int(cfg.checkpoint_every),
-            save_last=True,
-            save_top_k=0,
-        ),
+        checkpointing(cfg, output),
         SeedPerRank(int(cfg.seed)),
         *recipe.callbacks,
         ThroughputMonitor(
