@@ -79,6 +79,19 @@ class RandomnessProbe(pl.Callback):
             json.dump({"weights": weights, **draws}, f)
 
 
+# pipeline.run as a test runs it on the world: loopback allowed, small images, quick retries, no bars.
+PIPELINE_RUN = [
+    "crawl.allow_networks=[127.0.0.1/32]",
+    "crawl.image_size=64",
+    "crawl.timeout=1",
+    "crawl.retries=1",
+    "crawl.retry_backoff=0.05",
+    "crawl.progress=false",
+    "annotate.progress=false",
+    "shard.progress=false",
+]
+
+
 def world_config(**overrides):
     cfg = OmegaConf.load(CONF / "world" / "default.yaml")
     cfg.n = 120

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from pipeline.filter.run import filter_samples
-from support import mlflow_server, stage_config
+from support import PIPELINE_RUN, mlflow_server, stage_config
 
 
 @pytest.mark.slow
@@ -32,14 +32,7 @@ def test_multirun_sweep_annotates_once_and_nests_runs(world_lists, tiny_clip, tm
         f"clip={tiny_clip}",
         "filter=clip_score",
         "filter.clip_score.min=-0.1,0.0,0.05",
-        "crawl.allow_networks=[127.0.0.1/32]",
-        "crawl.image_size=64",
-        "crawl.timeout=1",
-        "crawl.retries=1",
-        "crawl.retry_backoff=0.05",
-        "crawl.progress=false",
-        "annotate.progress=false",
-        "shard.progress=false",
+        *PIPELINE_RUN,
         "shard.samples_per_shard=16",
         "crawl.ray.num_cpus=2",
         f"hydra.sweep.dir={tmp_path}/multirun",
@@ -97,14 +90,7 @@ def test_threshold_sweep_trains_and_evaluates_a_model_per_value(world_lists, tin
         "+sweep_model=clip_zeroshot",
         f"+sweep_model.datasets.colour={tmp_path / 'colour'}",
         'sweep_model.overrides=["data.batch_size=16","trainer.max_steps=6","data.num_workers=0"]',
-        "crawl.allow_networks=[127.0.0.1/32]",
-        "crawl.image_size=64",
-        "crawl.timeout=1",
-        "crawl.retries=1",
-        "crawl.retry_backoff=0.05",
-        "crawl.progress=false",
-        "annotate.progress=false",
-        "shard.progress=false",
+        *PIPELINE_RUN,
         "crawl.ray.num_cpus=2",
         f"hydra.sweep.dir={tmp_path}/multirun",
     ]

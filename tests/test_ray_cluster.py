@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from support import kill_session, subprocess_env
+from support import PIPELINE_RUN, kill_session, subprocess_env
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
@@ -137,14 +137,7 @@ def cluster_jobs(ray_head, world_lists):
             "pipeline.run",
             f"input={urls}",
             f"output={out}",
-            "crawl.allow_networks=[127.0.0.1/32]",
-            "crawl.image_size=64",
-            "crawl.timeout=1",
-            "crawl.retries=1",
-            "crawl.retry_backoff=0.05",
-            "crawl.progress=false",
-            "annotate.progress=false",
-            "shard.progress=false",
+            *PIPELINE_RUN,
             "shard.samples_per_shard=32",
             f"hydra.run.dir={hydra}/p",
         ],
