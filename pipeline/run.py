@@ -7,8 +7,6 @@ choice and a hash of its rules, and its own MLflow run (a child of the sweep's r
 
 from __future__ import annotations
 
-import os
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,7 +16,7 @@ from pipeline.errors import run_stage
 from pipeline.filter.report import log_filter
 from pipeline.filter.run import filter_samples
 from pipeline.shard.run import shard
-from pipeline.storage import config_fingerprint
+from pipeline.storage import Location, config_fingerprint
 
 
 def _filter_choice() -> str:
@@ -64,11 +62,10 @@ def run_pipeline(cfg: DictConfig) -> dict:
     with mlflow_run(f"pipeline {name}", config=config, tags=tags, parent_run_id=parent):
         mlflow = setup_mlflow()
         filter_manifest = filter_samples(filter_cfg)
-        with (
-            open(os.path.join(selection_dir, "funnel.png"), "rb") as png,
-            open(os.path.join(selection_dir, "funnel.txt")) as txt,
-        ):
-            log_filter(filter_manifest, png.read(), txt.read())
+        selection = Location(selection_dir)  # local or object storage, as every stage output
+        with selection.fs.open(selection.path("funnel.png"), "rb") as png:
+            with selection.fs.open(selection.path("funnel.txt"), "r") as txt:
+                log_filter(filter_manifest, png.read(), txt.read())
         shard_manifest = shard(shard_cfg)
         mlflow.log_metrics(
             {

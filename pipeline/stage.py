@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.lock import output_lock
 from pipeline.ray_setup import actor_count, init_ray, quiet_ray_data
 from pipeline.storage import MANIFEST, Location, claim_output, write_manifest
 
@@ -70,8 +71,13 @@ class Stage:
         raise NotImplementedError
 
     def worker(self, retry: bool) -> tuple[type, dict]:
-        """(class, constructor kwargs): `cls(**kwargs)(unit) -> record`, run on Ray actors."""
+        """(class, constructor kwargs): `cls(**kwargs)(unit) -> record`, run on Ray actors. Called after Ray is
+        up, so a stage may decide from the cluster's resources."""
         raise NotImplementedError
+
+    def resources(self) -> tuple[dict, int | None]:
+        """(Ray resources per actor, number of actors or None for `processes`, else one per CPU Ray offers)."""
+        return {"num_cpus": 1}, None
 
     map = None  # or a method `map(units, bar)` yielding (unit, record) on the driver
 
@@ -142,9 +148,8 @@ def _map(stage: Stage, units: list[str], retry: bool, local: bool, bar):
         for unit, record in stage.map(units, bar):
             yield unit, record_done(stage.output, unit, record)
         return
-    worker_class, kwargs = stage.worker(retry)
     if local:  # in this process, one unit after another: the same actor code, without Ray
-        actor = UnitActor(worker_class, kwargs, stage.output.url)
+        actor = UnitActor(*stage.worker(retry), stage.output.url)
         for unit in units:
             yield unit, json.loads(actor({"unit": [unit]})["record"][0])
         return
@@ -152,12 +157,14 @@ def _map(stage: Stage, units: list[str], retry: bool, local: bool, bar):
 
     init_ray(stage.cfg["ray"]["num_cpus"])
     quiet_ray_data()
+    worker_class, kwargs = stage.worker(retry)
+    resources, actors = stage.resources()
     dataset = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units)).map_batches(
         UnitActor,
         fn_constructor_kwargs={"worker_class": worker_class, "worker_kwargs": kwargs, "output_url": stage.output.url},
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=actor_count(stage.cfg.get("processes"), len(units))),
-        num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=actor_count(actors or stage.cfg.get("processes"), len(units))),
+        **resources,
     )
     for row in dataset.iter_rows():
         yield str(row["unit"]), json.loads(row["record"])
@@ -178,17 +185,21 @@ def _pass(stage: Stage, run: Run, units: list[str], retry: bool, local: bool) ->
 
 
 def drive(stage: Stage, local: bool = False) -> dict:
-    """Run `stage` to a finished output; returns its manifest. `local` maps units in this process (tests)."""
+    """Run `stage` to a finished output; returns its manifest. `local` maps units in this process (tests).
+    The output's lock is held throughout: one writer per folder (`wait_for_lock=true` waits for it)."""
+    with output_lock(stage.output, stage.name, bool(stage.cfg.get("wait_for_lock"))):
+        return _drive(stage, local)
+
+
+def _drive(stage: Stage, local: bool) -> dict:
     started = stage.started or time.time()
     out = stage.output
-    out.makedirs()
     if not stage.redo_when_complete:
         manifest = already_complete(stage.name, out, stage.identity, stage.describe)
         if manifest:
             return manifest
     run = Run(plan=_claim(stage))
-    for folder in (out, Location(f"{out.url}/{WORK}"), Location(f"{out.url}/{DONE}")):
-        folder.remove_temporaries()  # a killed writer's leftovers, never visible under a final name
+    out.remove_temporaries()  # a killed writer's leftovers, at any depth; never visible under a final name
     units = [str(u) for u in run.plan["units"]]
     mapping = time.time()
     run.fresh = _pass(stage, run, [u for u in units if not out.exists(done_name(u))], False, local)

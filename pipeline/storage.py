@@ -20,6 +20,7 @@ import fsspec
 from pipeline.errors import StageError
 
 MANIFEST = "manifest.json"
+LOCK = "_lock.json"  # held by `pipeline.lock.output_lock` while a run writes the folder
 
 
 class Location:
@@ -33,6 +34,7 @@ class Location:
         return f"{self.root}/{name}"
 
     def exists(self, name: str = "") -> bool:
+        self.fs.invalidate_cache()  # object stores cache listings; other processes (Ray workers) write here
         return self.fs.exists(self.path(name) if name else self.root)
 
     def makedirs(self, name: str = "") -> None:
@@ -40,6 +42,7 @@ class Location:
 
     def listdir(self, name: str = "") -> list[str]:
         folder = self.path(name) if name else self.root
+        self.fs.invalidate_cache()
         if not self.fs.exists(folder):
             return []
         return sorted(os.path.basename(p.rstrip("/")) for p in self.fs.ls(folder, detail=False))
@@ -81,17 +84,26 @@ class Location:
             json.dump(obj, f, indent=2, sort_keys=True, default=str)
 
     def remove_temporaries(self) -> int:
-        """Leftovers of a writer that was killed: they were never visible under a final name."""
-        stale = [n for n in self.listdir() if ".tmp-" in n]
-        for name in stale:
-            self.remove(name)
+        """Leftovers of writers that were killed, at any depth: they were never visible under a final name.
+        Call it only while holding the folder's lock (`pipeline.lock`), or a live writer's files would go."""
+        self.fs.invalidate_cache()
+        if not self.fs.exists(self.root):
+            return 0
+        stale = [p for p in self.fs.find(self.root) if ".tmp-" in p.rsplit("/", 1)[-1]]
+        for path in stale:
+            if self.fs.exists(path):
+                self.fs.rm(path)
         return len(stale)
 
 
 def claim_output(out: Location, marker: str, identity: str, overwrite: bool, what: str) -> dict | None:
     """Make `out` the output of the run named by `identity`. Returns the `marker` record when `out` holds an
     interrupted run of the same identity (resume from it); otherwise empties `out` and returns None. Another
-    run's output, or a folder that is no stage's output, is emptied only with `overwrite`."""
+    run's output, or a folder that is no stage's output, is emptied only with `overwrite`. A folder holding
+    only a run's beginnings (a `_work/` folder without `marker`: killed while planning) is started afresh.
+    The lock file (`pipeline.lock`) is never counted or removed here."""
+    work = marker.split("/", 1)[0]
+    entries = [n for n in out.listdir() if n != LOCK and ".tmp-" not in n]
     if out.exists(marker):
         record = out.read_json(marker)
         if record["identity"] == identity:
@@ -101,12 +113,13 @@ def claim_output(out: Location, marker: str, identity: str, overwrite: bool, wha
                 f"output {out.url} holds {what} of another input or config; "
                 "choose another output or pass overwrite=true"
             )
-    elif out.listdir() and not overwrite:
+    elif entries and entries != [work] and not overwrite:
         raise StageError(
             f"output {out.url} is not empty and holds no {what}; choose an empty folder or pass overwrite=true"
         )
     for name in out.listdir():
-        out.remove(name)
+        if name != LOCK:
+            out.remove(name)
     return None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+import tempfile
 
 from pipeline.storage import Location
 
@@ -68,6 +69,78 @@ class TarSampleWriter:
             self._tar.close()
         finally:
             self._cm.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+
+class OrderedSampleWriter:
+    """Writes samples in the order of their positions (0, 1, 2, ...) whatever order they arrive in, so that the
+    same samples always make the same tar. `put(position, sample_or_None)` must be called once per position;
+    None marks a position without a sample (a failed row). Samples that arrive ahead of their turn wait in
+    memory up to `buffer_bytes`, then in a local spill file, so memory stays flat behind one slow row."""
+
+    def __init__(self, writer: TarSampleWriter, buffer_bytes: int = 64 << 20):
+        self.writer = writer
+        self.buffer_bytes = buffer_bytes
+        self.next = 0
+        self.waiting: dict[int, dict | tuple[int, list[tuple[str, int]]] | None] = {}
+        self.buffered = 0
+        self.spill = None  # created on first overflow
+
+    def put(self, position: int, sample: dict | None) -> None:
+        if position != self.next:
+            self.waiting[position] = self._hold(sample)
+            return
+        self._write(sample)
+        self.next += 1
+        while self.next in self.waiting:
+            self._write(self._release(self.waiting.pop(self.next)))
+            self.next += 1
+
+    def _hold(self, sample: dict | None):
+        if sample is None:
+            return None
+        size = sum(len(v) for k, v in sample.items() if k != "__key__")
+        if self.buffered + size <= self.buffer_bytes:
+            self.buffered += size
+            return sample
+        if self.spill is None:
+            self.spill = tempfile.TemporaryFile(prefix="pixelmill-reorder-")
+        self.spill.seek(0, io.SEEK_END)
+        offset, parts = self.spill.tell(), []
+        for ext, data in sample.items():
+            if ext != "__key__":
+                self.spill.write(data)
+                parts.append((ext, len(data)))
+        return (offset, [("__key__", sample["__key__"]), *parts])
+
+    def _release(self, held) -> dict | None:
+        if held is None or isinstance(held, dict):
+            if held is not None:
+                self.buffered -= sum(len(v) for k, v in held.items() if k != "__key__")
+            return held
+        offset, parts = held
+        self.spill.seek(offset)
+        (_, key), rest = parts[0], parts[1:]
+        return {"__key__": key, **{ext: self.spill.read(size) for ext, size in rest}}
+
+    def _write(self, sample: dict | None) -> None:
+        if sample is not None:
+            self.writer.add(sample)
+
+    def close(self) -> str:
+        """Every position must have been put; returns the tar's sha256."""
+        if self.waiting:
+            raise RuntimeError(f"positions {sorted(self.waiting)[:5]}... arrived but position {self.next} never did")
+        self._drop_spill()
+        return self.writer.close()
+
+    def abort(self) -> None:
+        self._drop_spill()
+        self.writer.abort()
+
+    def _drop_spill(self) -> None:
+        if self.spill is not None:
+            self.spill.close()
+            self.spill = None
 
 
 class HashingWriter:

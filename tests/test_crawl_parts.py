@@ -12,10 +12,18 @@ from PIL import Image
 
 from pipeline.crawl.fetch import opted_out
 from pipeline.crawl.image import ImageProcessor, ImageSettings
-from pipeline.crawl.inputs import InputError, make_key, plan, read_input
+from pipeline.crawl.inputs import InputError, make_key, open_input
+from pipeline.crawl.planning import write_plan
+from pipeline.storage import Location
 from pipeline.world.world import declare_size
 
 # -- inputs and keys ---------------------------------------------------------------------------------
+
+
+def read_input(path: str, **options) -> pa.Table:
+    """The whole opened input as one table (small inputs only)."""
+    urls = open_input(path, **options)
+    return pa.Table.from_batches(list(urls.batches()), urls.schema)
 
 
 def test_keys_follow_img2dataset():
@@ -25,10 +33,14 @@ def test_keys_follow_img2dataset():
     assert make_key(3, 1) == "00003"
 
 
-def test_plan_marks_repeats_and_keeps_every_row():
+def test_plan_marks_repeats_and_keeps_every_row(tmp_path):
     table = pa.table({"url": ["a", "b", "a", None, "c", "b", "a"], "caption": list("1234567")})
-    shards = plan(table, 3)
+    (tmp_path / "work").mkdir()
+    counts = write_plan(table.to_batches(max_chunksize=2), 3, Location(str(tmp_path / "work")), str(tmp_path / "spill"))
+    assert counts == {"rows": 7, "shards": 3, "duplicates": 3}
+    shards = [pq.read_table(tmp_path / "work" / f"{i:05d}.parquet") for i in range(3)]
     assert [s.num_rows for s in shards] == [3, 3, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]  # the spill is gone
     rows = pa.concat_tables(shards).to_pylist()
     assert [r["duplicate_of"] for r in rows] == [None, None, "000000", None, None, "000001", "000000"]
     assert [r["key"] for r in rows] == ["000000", "000001", "000002", "000010", "000011", "000012", "000020"]
@@ -48,31 +60,31 @@ def test_every_input_format_with_extra_columns(tmp_path, fmt):
         path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     else:
         path.write_text("\n".join(r["url"] for r in rows) + "\n")
-    table, local_root, fingerprint = read_input(str(path))
+    urls = open_input(str(path))
+    table = read_input(str(path))
     assert table["url"].to_pylist() == [r["url"] for r in rows]
-    assert local_root is None and len(fingerprint) == 16
+    assert urls.local_root is None and len(urls.fingerprint) == 16
     if fmt == "txt":
         assert table.column_names == ["url", "caption"] and table["caption"].null_count == 4
     else:
         assert table.column_names == ["url", "caption", "license", "score"]
         assert table["score"].to_pylist() == [0.0, 0.5, 1.0, 1.5]
-        only = read_input(str(path), extra_columns=["license"])[0]
+        only = read_input(str(path), extra_columns=["license"])
         assert only.column_names == ["url", "caption", "license"]
 
 
 def test_custom_columns_and_an_image_folder(tmp_path):
     path = tmp_path / "list.csv"
     path.write_text("link,alt\nhttp://h/1.jpg,one\n")
-    table = read_input(str(path), url_col="link", caption_col="alt")[0]
+    table = read_input(str(path), url_col="link", caption_col="alt")
     assert table.to_pylist() == [{"url": "http://h/1.jpg", "caption": "one"}]
     folder = tmp_path / "images"
     (folder / "sub").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(folder / "a.jpg")
     Image.new("RGB", (8, 8)).save(folder / "sub" / "b.png")
     (folder / "a.txt").write_text("a caption\n")
-    table, local_root, _ = read_input(str(folder))
-    assert local_root == str(folder)
-    assert table.to_pylist() == [
+    assert open_input(str(folder)).local_root == str(folder)
+    assert read_input(str(folder)).to_pylist() == [
         {"url": f"file://{folder}/a.jpg", "caption": "a caption"},
         {"url": f"file://{folder}/sub/b.png", "caption": None},
     ]
@@ -80,19 +92,19 @@ def test_custom_columns_and_an_image_folder(tmp_path):
 
 def test_bad_inputs_name_the_problem(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
-        read_input(str(tmp_path / "nope.parquet"))
+        open_input(str(tmp_path / "nope.parquet"))
     path = tmp_path / "list.csv"
     path.write_text("link,alt\nhttp://h/1.jpg,one\n")
     with pytest.raises(InputError, match=r"no column 'url' \(columns: link, alt\)"):
-        read_input(str(path))
+        open_input(str(path))
     odd = tmp_path / "list.xyz"
     odd.write_text("http://h/1.jpg\n")
     with pytest.raises(InputError, match="cannot tell the format of .*list.xyz"):
-        read_input(str(odd))
+        open_input(str(odd))
     clash = tmp_path / "clash.csv"
     clash.write_text("url,caption,status\nhttp://h/1.jpg,one,ok\n")
     with pytest.raises(InputError, match=r"\['status'\] clash"):
-        read_input(str(clash))
+        open_input(str(clash))
 
 
 # -- opt-outs ---------------------------------------------------------------------------------------

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import subprocess
 import sys
+import time
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
@@ -99,3 +103,89 @@ def test_retry_failed_fetches_only_transient_failures_again(ray_local, tmp_path)
             )
         ]
         assert untouched and all(os.stat(p).st_mtime_ns == stats_before[p] for p in untouched)
+
+
+def crawl_command(urls, out, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.crawl",
+        f"input={urls}",
+        f"output={out}",
+        "allow_networks=[127.0.0.1/32]",
+        "timeout=1",
+        "retries=1",
+        "retry_backoff=0.05",
+        "image_size=64",
+        "max_bytes=1048576",
+        "processes=1",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_a_second_crawl_on_the_same_folder_refuses_or_waits(tmp_path):
+    world = World(world_config(latency=0.05))
+    with WorldServer(world) as server:
+        urls, _ = world.write(tmp_path, server.base_url)
+        out = tmp_path / "raw"
+        first = subprocess.Popen(
+            crawl_command(urls, out, "concurrency=2"),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        while not os.path.exists(out / "_lock.json"):
+            assert first.poll() is None, first.stderr.read()[-2000:]
+            time.sleep(0.02)
+        second = subprocess.run(crawl_command(urls, out), cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        line = second.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"error: output {out} is being written by crawl (pid {first.pid} on ")
+        third = subprocess.Popen(
+            crawl_command(urls, out, "wait_for_lock=true"), cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
+        _, first_err = first.communicate(timeout=300)
+        assert first.returncode == 0, first_err[-2000:]
+        files = {p: os.stat(p).st_mtime_ns for p in glob.glob(f"{out}/**", recursive=True) if os.path.isfile(p)}
+        third_out, _ = third.communicate(timeout=300)
+    assert third.returncode == 0
+    assert "waiting for crawl (pid" in third_out and "is already complete" in third_out
+    after = {p: os.stat(p).st_mtime_ns for p in glob.glob(f"{out}/**", recursive=True) if os.path.isfile(p)}
+    assert after == files and not os.path.exists(out / "_lock.json")  # the waiter found it done, touched nothing
+
+
+@pytest.mark.slow
+def test_kill_9_while_planning_then_the_same_command_completes_as_a_clean_crawl(ray_local, tmp_path):
+    world = World(world_config(n=60))
+    with WorldServer(world) as server:
+        urls, _ = world.write(tmp_path, server.base_url)
+        table = pq.read_table(urls)
+        rows = 200_000  # mostly repeats of the 60 URLs (and some empty ones): seconds to plan, nothing to fetch
+        index = np.arange(rows) % 61
+        repeated = pa.table(
+            {
+                "url": pa.array([None if i == 60 else table["url"][int(i)].as_py() for i in index], pa.string()),
+                "caption": pa.array([f"row {r}" for r in range(rows)], pa.string()),
+            }
+        )
+        big = tmp_path / "big.parquet"
+        pq.write_table(repeated, big, row_group_size=10_000)
+        out = tmp_path / "raw"
+        command = crawl_command(big, out, "number_sample_per_shard=20000", "progress=false")
+
+        def planning() -> bool:  # part of the plan (its spill, or shard plan files) written, plan.json not yet
+            written = [p for p in glob.glob(f"{out}/_work/**", recursive=True) if os.path.isfile(p)]
+            return bool(written) and not os.path.exists(out / "_work" / "plan.json")
+
+        kill_when(command, planning, poll_s=0.005)
+        assert not os.path.exists(out / "_work" / "plan.json")
+        resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        clean = crawl(crawl_config(f"input={big}", f"output={tmp_path / 'clean'}", "number_sample_per_shard=20000"))
+    manifest = json.load(open(out / "manifest.json"))
+    distinct = len(set(table["url"].to_pylist()))  # the world repeats a few URLs itself
+    assert manifest["counts"]["rows"] == rows and manifest["counts"]["duplicate"] == rows - rows // 61 - distinct
+    assert manifest["content_hash"] == clean["content_hash"]
+    assert not [p for p in glob.glob(f"{out}/**", recursive=True) if ".tmp-" in p]

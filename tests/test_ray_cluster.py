@@ -126,7 +126,8 @@ def test_the_jobs_api_refuses_requests_without_the_token(ray_head):
 
 @pytest.fixture(scope="module")
 def cluster_jobs(ray_head, world_lists):
-    """A pipeline job (crawl → annotate → filter → shard), then a CLIP training job on 2 Ray Train workers."""
+    """A pipeline job (crawl → annotate → filter → shard), then a CLIP training job on 2 Ray Train workers
+    (FSDP2)."""
     urls, _ = world_lists
     out, hydra, run = ray_head["folder"] / "data", ray_head["folder"] / "hydra", ray_head["folder"] / "clip"
     pipeline_logs = run_job(
@@ -154,6 +155,7 @@ def cluster_jobs(ray_head, world_lists):
             f"output={run}",
             "launcher=ray",
             "launcher.num_workers=2",
+            "trainer=fsdp",  # FSDP2 on the Ray Train workers: each holds half of every parameter
             "trainer.max_steps=12",
             "data.batch_size=8",
             "data.num_workers=0",
@@ -173,7 +175,7 @@ def test_pipeline_job_then_two_worker_training_job(cluster_jobs):
     assert json.load(open(cluster_jobs["shards"] / "manifest.json"))["counts"]["samples"] > 50
     assert "Ray Train: 2 worker(s) finished" in training_logs and "2 process(es)" in training_logs
     run = cluster_jobs["run"]
-    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert (run / "checkpoints" / "last.ckpt" / "meta.pt").exists()  # FSDP2's distributed-checkpoint folder
     CLIPModel.from_pretrained(run / "clip")  # the export loads where users load it
 
 
@@ -223,10 +225,12 @@ def test_ray_launcher_refuses_what_it_cannot_run(tmp_path):
     from training.errors import UserError
 
     base = ["launcher=ray", f"data.path={tmp_path}", f"output={tmp_path / 'run'}"]
-    with pytest.raises(
-        UserError, match="launcher=ray runs data-parallel .DDP. workers; trainer.strategy=.*ModelParallel"
-    ):
-        cfg = stage_config("train", *base, "trainer=fsdp")
+    # FSDP2 (trainer=fsdp) runs under Ray (tests/test_ray_fsdp.py); Lightning's FSDP1 and tensor parallelism do not.
+    with pytest.raises(UserError, match="launcher=ray runs DDP .* or FSDP2 .* workers; trainer.strategy=fsdp is not"):
+        cfg = stage_config("train", *base, "trainer=cpu", "+trainer.strategy=fsdp")
+        instantiate(cfg.launcher)(cfg)
+    with pytest.raises(UserError, match="tensor_parallel_size=2 is not supported"):
+        cfg = stage_config("train", *base, "trainer=fsdp", "trainer.strategy.tensor_parallel_size=2")
         instantiate(cfg.launcher)(cfg)
     with pytest.raises(UserError, match="launcher.num_workers=0; expected at least 1"):
         cfg = stage_config("train", *base, "launcher.num_workers=0")

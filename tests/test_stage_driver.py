@@ -91,3 +91,30 @@ def test_another_identity_is_refused_and_kept_work_stays(tmp_path):
     assert sorted(os.listdir(out / DONE)) == ["a.json", "b.json", "c.json"]
     with pytest.raises(StageError, match="another input or config"):
         drive(ToyStage(out, tmp_path, keep_work=True, power=3), local=True)
+
+
+def test_a_run_killed_while_planning_starts_over_and_leftovers_at_any_depth_go(tmp_path):
+    out = tmp_path / "out"
+    (out / WORK / "done").mkdir(parents=True)
+    (out / WORK / "00000.parquet").write_text("half a plan")  # no plan.json: killed before the plan was whole
+    (out / WORK / "done" / "a.json.tmp-1234abcd").write_text("{")
+    manifest = drive(ToyStage(out, tmp_path), local=True)
+    assert manifest["counts"]["ran"] == UNITS and not (out / WORK / "00000.parquet").exists()
+    # Killed after planning, with a writer's temporary deep inside: the rerun resumes and removes it.
+    resumed = tmp_path / "resumed"
+    stage = ToyStage(resumed, tmp_path, keep_work=True)
+    drive(stage, local=True)
+    os.remove(resumed / MANIFEST)
+    os.remove(resumed / DONE / "c.json")
+    (resumed / "nested" / "deep").mkdir(parents=True)
+    (resumed / "nested" / "deep" / "x.tar.tmp-deadbeef").write_text("partial")
+    assert drive(ToyStage(resumed, tmp_path, keep_work=True), local=True)["counts"]["ran"] == ["c"]
+    leftovers = [os.path.join(r, f) for d in (out, resumed) for r, _, fs in os.walk(d) for f in fs if ".tmp-" in f]
+    assert leftovers == []
+    # A folder holding anything else than a run's beginnings is still refused.
+    other = tmp_path / "other"
+    (other / WORK).mkdir(parents=True)
+    (other / "precious.txt").write_text("mine")
+    with pytest.raises(Exception, match="is not empty and holds no a toy output"):
+        drive(ToyStage(other, tmp_path), local=True)
+    assert (other / "precious.txt").exists()

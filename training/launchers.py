@@ -1,12 +1,15 @@
 """Where `train(cfg)` runs, chosen by `conf/launcher/*.yaml`'s `_target_`:
 - `LocalLauncher` (default): this process, and the processes Lightning starts for trainer=ddp|fsdp.
-- `RayLauncher`: `python -m training.train … launcher=ray launcher.num_workers=4 [launcher.use_gpu=true]`.
+- `RayLauncher`: `python -m training.train … launcher=ray launcher.num_workers=4 [launcher.use_gpu=true]
+  [trainer=fsdp]`.
 
 Ray's `TorchTrainer` starts `num_workers` processes on the cluster (RAY_ADDRESS, or a local Ray) and each runs
 the same `train(cfg)` as a plain launch, with one change: Lightning takes its process group and ranks from
-Ray (`RayDDPStrategy`, `RayLightningEnvironment`) instead of spawning processes itself. Outputs, checkpoints
-and MLflow runs are the same as a local launch; `output` must be a path every worker can reach (a shared
-filesystem on a multi-node cluster).
+Ray (`RayLightningEnvironment`) instead of spawning processes itself. The strategy is DDP (`RayDDPStrategy`)
+or, for trainer=fsdp, FSDP2 (`RayModelParallelStrategy`: Lightning's ModelParallelStrategy, so the modules
+shard each block with `fully_shard` in `configure_model` exactly as in a local run). Outputs, checkpoints
+(a distributed-checkpoint folder `last.ckpt/` under FSDP2), exports and MLflow runs are the same as a local
+launch; `output` must be a path every worker can reach (a shared filesystem on a multi-node cluster).
 """
 
 from __future__ import annotations
@@ -14,32 +17,113 @@ from __future__ import annotations
 import math
 import os
 
+import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.strategies import ModelParallelStrategy
 
 from training.errors import UserError
+from training.tracking import tracking_uri
 from training.train import train
 
-RAY_STRATEGY = {"_target_": "ray.train.lightning.RayDDPStrategy"}
+RAY_DDP = {"_target_": "ray.train.lightning.RayDDPStrategy"}
+RAY_FSDP = "training.launchers.RayModelParallelStrategy"
 RAY_ENVIRONMENT = [{"_target_": "ray.train.lightning.RayLightningEnvironment"}]
+# What trainer=fsdp (and a user's own spelling of it) names; FSDP1 (`strategy=fsdp`) stays refused.
+MODEL_PARALLEL = {
+    "pytorch_lightning.strategies.ModelParallelStrategy",
+    "pytorch_lightning.strategies.model_parallel.ModelParallelStrategy",
+    "lightning.pytorch.strategies.ModelParallelStrategy",
+    RAY_FSDP,
+}
+
+
+class RayModelParallelStrategy(ModelParallelStrategy):
+    """FSDP2 in a Ray Train worker. Ray has already joined the workers in one process group (gloo on CPU,
+    NCCL on GPU) and Lightning's `_init_dist_connection` returns early when one exists, so Lightning builds
+    its device mesh over Ray's group, with ranks and world size from `RayLightningEnvironment`. Only the
+    device needs Ray: Lightning takes `parallel_devices[local_rank]`, but a worker sees its one device
+    (devices=auto) while its local rank counts every worker on the node, so this asks Ray, as
+    `RayDDPStrategy` does. (`process_group_backend` and `timeout` have no effect here: Ray's TorchConfig
+    sets them.)"""
+
+    @property
+    def root_device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+
+def strategy_kind(strategy) -> str:
+    """'ddp' or 'fsdp', what launcher=ray runs for `trainer.strategy`; a UserError for anything else."""
+    if strategy in (None, "auto", "ddp"):
+        return "ddp"
+    config = hasattr(strategy, "get")  # a `_target_` mapping; else one of Lightning's registry names
+    name = strategy.get("_target_") if config else strategy
+    if config and name in MODEL_PARALLEL:
+        if strategy.get("tensor_parallel_size", 1) not in (1, "auto"):
+            raise UserError(
+                f"launcher=ray shards with FSDP2 over all workers; trainer.strategy.tensor_parallel_size="
+                f"{strategy.get('tensor_parallel_size')} is not supported under it (use 1)"
+            )
+        return "fsdp"
+    raise UserError(
+        f"launcher=ray runs DDP (trainer=cpu|gpu|ddp) or FSDP2 (trainer=fsdp) workers; trainer.strategy={name} "
+        f"is not supported under it"
+    )
 
 
 def worker_config(cfg: dict) -> DictConfig:
     """The config a Ray Train worker trains with: the user's, with Ray's strategy and environment."""
     worker = OmegaConf.create(cfg)
     use_gpu = bool(worker.launcher.use_gpu)
-    worker.trainer.strategy = RAY_STRATEGY
+    if strategy_kind(worker.trainer.get("strategy")) == "fsdp":
+        # The user's options (save_distributed_checkpoint, …) stay; the mesh is every worker: locally its size
+        # is trainer.devices, which under Ray is one per worker.
+        strategy = OmegaConf.to_container(worker.trainer.strategy)
+        strategy.update(_target_=RAY_FSDP, data_parallel_size=int(worker.launcher.num_workers), tensor_parallel_size=1)
+        worker.trainer.strategy = strategy
+    else:
+        worker.trainer.strategy = RAY_DDP
     worker.trainer.plugins = RAY_ENVIRONMENT
     worker.trainer.accelerator = "gpu" if use_gpu else "cpu"
     worker.trainer.devices = "auto"  # one device per worker: Ray assigns it
     return worker
 
 
+def prepare(trainer):
+    """Ray's `prepare_trainer`, which accepts only Ray's own strategy classes (DDP, FSDP1, DeepSpeed); for
+    FSDP2 the same check it makes, that the ranks come from Ray."""
+    from ray.train.lightning import RayLightningEnvironment, prepare_trainer
+
+    if not isinstance(trainer.strategy, RayModelParallelStrategy):
+        return prepare_trainer(trainer)
+    if not isinstance(trainer.strategy.cluster_environment, RayLightningEnvironment):
+        raise RuntimeError(f"expected RayLightningEnvironment, got {type(trainer.strategy.cluster_environment)}")
+    return trainer
+
+
+def _open_tracking_store(cfg: DictConfig) -> None:
+    """train() opens the MLflow store on every worker at once (a local launch starts its other ranks only
+    later, in `fit`); on a fresh sqlite file they race to create its tables ("table … already exists"). So
+    rank 0 opens it first, over the process group Ray has already set up."""
+    import torch.distributed as dist
+
+    if not cfg.tracking or not dist.is_initialized():
+        return
+    if dist.get_rank() == 0:
+        from mlflow import MlflowClient
+
+        MlflowClient(tracking_uri())  # creates the store's tables if there are none
+    dist.barrier()
+
+
 def _train_worker(config: dict) -> None:
     """What each Ray Train worker runs."""
     import ray.train
-    from ray.train.lightning import prepare_trainer
 
-    metric = train(worker_config(config["cfg"]), prepare=prepare_trainer)
+    cfg = worker_config(config["cfg"])
+    _open_tracking_store(cfg)
+    metric = train(cfg, prepare=prepare)
     ray.train.report({"metric": float(metric)})
 
 
@@ -61,13 +145,7 @@ class RayLauncher:
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        strategy = cfg.trainer.get("strategy")
-        if strategy not in (None, "auto", "ddp"):
-            name = strategy.get("_target_") if hasattr(strategy, "get") else strategy
-            raise UserError(
-                f"launcher=ray runs data-parallel (DDP) workers; trainer.strategy={name} is not supported "
-                f"under it (use trainer=cpu or trainer=gpu as the base)"
-            )
+        kind = strategy_kind(cfg.trainer.get("strategy"))
         workers = self.num_workers
         if workers < 1:
             raise UserError(f"launcher.num_workers={workers}; expected at least 1")
@@ -86,5 +164,5 @@ class RayLauncher:
         )
         result = trainer.fit()
         metric = (result.metrics or {}).get("metric", math.nan)
-        print(f"Ray Train: {workers} worker(s) finished; metric {metric:.4f}")
+        print(f"Ray Train: {workers} worker(s) finished ({kind}); metric {metric:.4f}")
         return metric

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import nn
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -36,8 +37,9 @@ class TaskModule(pl.LightningModule):
         self.start_step = self.global_step
 
     def fsdp_mesh(self):
-        """The data-parallel mesh under ModelParallelStrategy (FSDP2), else None (one process, or DDP)."""
-        if type(self.trainer.strategy).__name__ == "ModelParallelStrategy":
+        """The data-parallel mesh under ModelParallelStrategy (FSDP2), else None (one process, or DDP).
+        By isinstance: under Ray Train the strategy is a subclass (`training.launchers.RayModelParallelStrategy`)."""
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
             return self.device_mesh["data_parallel"]
         return None
 

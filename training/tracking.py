@@ -11,6 +11,8 @@ import json
 import os
 from contextlib import contextmanager
 
+from training.data.sources import Folder
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "pixelmill"
 SWEEP_TAG = "pixelmill.sweep"
@@ -106,15 +108,17 @@ def data_lineage(path: str, limit: int = 10) -> dict[str, dict]:
     found: dict[str, dict] = {}
     queue = [path]
     while queue and len(found) < limit:
-        folder = queue.pop(0)
-        file = os.path.join(folder, "manifest.json")
-        if not os.path.isfile(file):
+        folder = Folder(queue.pop(0))  # local, or an fsspec URL such as s3://bucket/shards
+        try:
+            manifest = json.loads(folder.read_text("manifest.json")) if folder.exists("manifest.json") else None
+        except (OSError, ValueError):
+            manifest = None
+        if manifest is None:
             continue
-        manifest = json.load(open(file))
-        stage = manifest.get("stage") or os.path.basename(os.path.normpath(folder))
+        stage = manifest.get("stage") or folder.url.rsplit("/", 1)[-1]
         if stage in found:
             continue
-        found[stage] = {"path": os.path.abspath(folder), "manifest": manifest}
+        found[stage] = {"path": os.path.abspath(folder.url) if folder.local else folder.url, "manifest": manifest}
         config = manifest.get("config") or {}
         queue += [str(config[key]) for key in ("selection", "input") if isinstance(config.get(key), str)]
     return found

@@ -18,6 +18,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
+from training.data.sources import Folder, exists, shard_samples
 from training.errors import UserError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -32,24 +33,23 @@ class EvalSet:
 
     @classmethod
     def open(cls, path: str, split: str = "test", need_classnames: bool = False) -> EvalSet:
-        if not os.path.isdir(path):
+        """A local folder or any fsspec URL (`s3://bucket/evalsets/colour`)."""
+        folder = Folder(str(path))
+        if not folder.isdir():
             raise UserError(f"dataset={path} is not a folder (expected clip_benchmark's webdataset layout)")
-        count_file = os.path.join(path, split, "nshards.txt")
-        if not os.path.exists(count_file):
+        if not folder.exists(f"{split}/nshards.txt"):
             raise UserError(f"dataset={path} has no {split}/nshards.txt (expected clip_benchmark's webdataset layout)")
-        count = int(open(count_file).read().strip())
-        shards = [os.path.join(path, split, f"{i}.tar") for i in range(count)]
-        missing = [s for s in shards if not os.path.exists(s)]
+        count = int(folder.read_text(f"{split}/nshards.txt").strip())
+        shards = [f"{folder.url}/{split}/{i}.tar" for i in range(count)]
+        missing = [s for s in shards if not exists(s)]
         if missing:
             raise UserError(f"dataset={path}: {missing[0]} is missing ({split}/nshards.txt says {count})")
-        names_file = os.path.join(path, "classnames.txt")
         classnames = None
-        if os.path.exists(names_file):
-            with open(names_file, encoding="utf-8") as f:
-                classnames = [line.strip() for line in f if line.strip()]
+        if folder.exists("classnames.txt"):
+            classnames = [line.strip() for line in folder.read_text("classnames.txt").splitlines() if line.strip()]
         elif need_classnames:
             raise UserError(f"dataset={path} has no classnames.txt, which zero-shot classification needs")
-        return cls(path, os.path.basename(os.path.normpath(path)), shards, classnames)
+        return cls(str(path), os.path.basename(os.path.normpath(str(path))), shards, classnames)
 
     def loader(self, transform, batch_size: int, num_workers: int) -> DataLoader:
         stream = _EvalStream(self.shards, transform)
@@ -68,7 +68,7 @@ class _EvalStream(IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         shards = self.shards[info.id :: info.num_workers] if info else self.shards
-        for sample in wds.tarfile_to_samples()({"url": s} for s in shards):
+        for sample in shard_samples(shards, handler=wds.reraise_exception):
             data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
             if data is None:
                 raise UserError(f"sample {sample['__key__']} in {sample.get('__url__')} has no image")

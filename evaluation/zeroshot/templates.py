@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+from training.data.sources import Folder
 from training.errors import UserError
 
 IMAGENET_80 = [
@@ -103,8 +104,11 @@ def read_lines(path: str) -> list[str]:
 def resolve_templates(spec, dataset: str) -> list[str]:
     """`spec`: "dataset" (the folder's file, else imagenet80), a name in NAMED, a file path, or a list."""
     if spec is None or spec == "dataset":
-        path = os.path.join(dataset, DATASET_FILE)
-        templates = read_lines(path) if os.path.exists(path) else IMAGENET_80
+        folder = Folder(dataset)  # local or an fsspec URL, as the eval set itself
+        if folder.exists(DATASET_FILE):
+            templates = [line.strip() for line in folder.read_text(DATASET_FILE).splitlines() if line.strip()]
+        else:
+            templates = IMAGENET_80
     elif isinstance(spec, str) and spec in NAMED:
         templates = NAMED[spec]
     elif isinstance(spec, str):

@@ -20,11 +20,29 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.annotate.clip_scorer import ClipScorer
 from pipeline.annotate.signals import ShardAnnotator
 from pipeline.errors import StageError
+from pipeline.options import COUNT, RAY, STAGE_FLAGS, Option, check_options
 from pipeline.ray_setup import actor_count, init_ray, quiet_ray_data
 from pipeline.stage import Finished, Run, Stage, drive
 from pipeline.storage import MANIFEST, Location, config_fingerprint, file_sha256
 
-RUN_ONLY = {"input", "output", "clip_batch_size", "clip_actors", "clip_threads", "overwrite", "progress", "ray"}
+RUN_ONLY = {
+    "input",
+    "output",
+    "clip_batch_size",
+    "clip_actors",
+    "clip_threads",
+    "overwrite",
+    "wait_for_lock",
+    "progress",
+    "ray",
+}
+OPTIONS = (
+    Option("clip_batch_size", **COUNT),
+    Option("clip_actors", nullable=True, **COUNT),
+    Option("clip_threads", nullable=True, **COUNT),
+    *STAGE_FLAGS,
+    RAY,
+)
 COLUMNS = [
     ("key", pa.string()),
     ("shard", pa.string()),
@@ -215,6 +233,7 @@ class AnnotateStage(Stage):
 def annotate(cfg: DictConfig | dict) -> dict:
     """Run the annotate stage; returns its manifest."""
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    check_options("annotate", cfg, OPTIONS)
     return drive(AnnotateStage(cfg))
 
 

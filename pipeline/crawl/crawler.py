@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,6 +25,17 @@ from pipeline.tar_io import iter_tar_samples
 
 STATUS_OF_FETCH_FAILURE = "failed_to_download"
 STATUS_OF_IMAGE_FAILURE = "failed_to_resize"
+RESULT_FIELDS = (
+    "status",
+    "reason",
+    "error_message",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "exif",
+    "sha256",
+)
 
 
 class ShardCrawler:
@@ -49,15 +61,17 @@ class ShardCrawler:
     # -- whole shards --------------------------------------------------------------------------------
     def crawl_shard(self, shard_id: int) -> dict:
         started = time.time()
-        table = pq.read_table(self.plan.path(f"{shard_name(shard_id)}.parquet"))
+        table = pq.read_table(self.plan.path(f"{shard_name(shard_id)}.parquet"), filesystem=self.plan.fs)
         extras = [f for f in table.schema if f.name not in ("key", "url", "caption", "duplicate_of")]
         writer = ShardWriter(self.output, shard_id, output_schema(extras), self.extension)
         try:
-            records, downloaded = asyncio.run(self._crawl_rows(table.to_pylist(), writer))
+            records, downloaded = asyncio.run(self._crawl_rows(list(enumerate(table.to_pylist())), writer))
         except BaseException:
             writer.abort()
             raise
         stats = shard_stats(records, started, downloaded)
+        # The worker's high-water mark so far, so that a crawl's memory can be read from its own output.
+        stats["worker_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         writer.commit(records, stats)
         return stats
 
@@ -65,16 +79,21 @@ class ShardCrawler:
         """Fetch again the rows that failed for a transient reason; rewrite the shard only if there were any."""
         started = time.time()
         tar_name, parquet_name, stats_name = shard_files(shard_id)
-        table = pq.read_table(self.output.path(parquet_name))
-        records = table.to_pylist()
-        again = [r for r in records if r["reason"] in TRANSIENT_REASONS]
+        table = pq.read_table(self.output.path(parquet_name), filesystem=self.output.fs)
+        records = table.to_pylist()  # in key order: a row's index is its position in the tar
+        again = [(i, r) for i, r in enumerate(records) if r["reason"] in TRANSIENT_REASONS]
         if not again:
             return {**self.output.read_json(stats_name), "retried": 0}
         extras = [f for f in table.schema if f.name not in BASE_SCHEMA.names]
         writer = ShardWriter(self.output, shard_id, output_schema(extras), self.extension)
         try:
-            copy_tar_samples(self.output, tar_name, writer)
-            fresh, downloaded = asyncio.run(self._crawl_rows([{**r, "duplicate_of": None} for r in again], writer))
+            position = {r["key"]: i for i, r in enumerate(records)}
+            kept = copy_tar_samples(self.output, tar_name, writer, position)
+            for i, r in enumerate(records):
+                if r["key"] not in kept and r["reason"] not in TRANSIENT_REASONS:
+                    writer.skip(i)
+            again_rows = [(i, {**r, "duplicate_of": None}) for i, r in again]
+            fresh, downloaded = asyncio.run(self._crawl_rows(again_rows, writer))
         except BaseException:
             writer.abort()
             raise
@@ -90,79 +109,79 @@ class ShardCrawler:
         return stats
 
     # -- rows ----------------------------------------------------------------------------------------
-    async def _crawl_rows(self, rows: list[dict], writer: ShardWriter) -> tuple[list[dict], int]:
-        loop = asyncio.get_running_loop()
+    async def _crawl_rows(self, rows: list[tuple[int, dict]], writer: ShardWriter) -> tuple[list[dict], int]:
+        """Crawl (position, row) pairs; every position is put into `writer` once, with its sample or none."""
         in_flight = asyncio.Semaphore(self.concurrency)
         downloaded = 0
 
-        async def one(row: dict) -> dict:
+        async def one(position: int, row: dict) -> dict:
             nonlocal downloaded
             record = {k: v for k, v in row.items() if k != "duplicate_of"}
-            record.update(
-                status=None,
-                reason=None,
-                error_message=None,
-                width=None,
-                height=None,
-                original_width=None,
-                original_height=None,
-                exif=None,
-                sha256=None,
-            )
-            if row.get("duplicate_of"):
-                return {
-                    **record,
-                    "status": "duplicate",
-                    "reason": "duplicate_url",
-                    "error_message": f"duplicate of key {row['duplicate_of']}",
-                }
-            if not row["url"]:
-                return {
-                    **record,
-                    "status": STATUS_OF_FETCH_FAILURE,
-                    "reason": "invalid_url",
-                    "error_message": "empty URL",
-                }
-            async with in_flight:
-                fetched = await fetcher.fetch(row["url"])
-                if fetched.data is None:
-                    return {
-                        **record,
-                        "status": STATUS_OF_FETCH_FAILURE,
-                        "reason": fetched.reason,
-                        "error_message": fetched.message,
-                    }
-                downloaded += len(fetched.data)
-                digest, processed = await loop.run_in_executor(self.pool, self._process, fetched.data)
-            record["sha256"] = digest
-            if processed.reason:
-                return {
-                    **record,
-                    "status": STATUS_OF_IMAGE_FAILURE,
-                    "reason": processed.reason,
-                    "error_message": processed.message,
-                }
-            record.update(
-                status="success",
-                width=processed.width,
-                height=processed.height,
-                original_width=processed.original_width,
-                original_height=processed.original_height,
-                exif=processed.exif,
-            )
-            writer.add(record, processed.data)
+            record.update({k: None for k in RESULT_FIELDS})
+            image = None
+            try:
+                outcome, image, size = await self._crawl_row(row, in_flight)
+                downloaded += size
+                record.update(outcome)
+            except Exception as err:  # a bug or a library failure we did not foresee: this row, not the job
+                failure = {"status": STATUS_OF_FETCH_FAILURE, "reason": "internal_error"}
+                record.update(failure, error_message=f"{type(err).__name__}: {err}")
+                image = None
+            finally:
+                if image is None:
+                    writer.skip(position)
+            if image is not None:
+                writer.add(position, record, image)
             return record
 
         async with Fetcher(self.fetch_settings, self.guard, connections=self.concurrency) as fetcher:
-            records = await asyncio.gather(*(one(row) for row in rows))
+            self.fetcher = fetcher
+            records = await asyncio.gather(*(one(position, row) for position, row in rows))
         return list(records), downloaded
+
+    async def _crawl_row(self, row: dict, in_flight: asyncio.Semaphore) -> tuple[dict, bytes | None, int]:
+        """(the record's result fields, the encoded image or None, bytes downloaded) for one row."""
+        if row.get("duplicate_of"):
+            duplicate = {"status": "duplicate", "reason": "duplicate_url"}
+            return {**duplicate, "error_message": f"duplicate of key {row['duplicate_of']}"}, None, 0
+        if not row["url"]:
+            return {"status": STATUS_OF_FETCH_FAILURE, "reason": "invalid_url", "error_message": "empty URL"}, None, 0
+        async with in_flight:
+            fetched = await self.fetcher.fetch(row["url"])
+            if fetched.data is None:
+                failure = {"status": STATUS_OF_FETCH_FAILURE, "reason": fetched.reason}
+                return {**failure, "error_message": fetched.message}, None, 0
+            loop = asyncio.get_running_loop()
+            size = len(fetched.data)
+            try:
+                digest, processed = await loop.run_in_executor(self.pool, self._process, fetched.data)
+            except Exception as err:  # the image processor's own boundary failed: still only this row
+                failure = {"status": STATUS_OF_IMAGE_FAILURE, "reason": "internal_error"}
+                return {**failure, "error_message": f"{type(err).__name__}: {err}"}, None, size
+        if processed.reason:
+            failure = {"status": STATUS_OF_IMAGE_FAILURE, "reason": processed.reason}
+            return {**failure, "error_message": processed.message, "sha256": digest}, None, size
+        success = {
+            "status": "success",
+            "sha256": digest,
+            "width": processed.width,
+            "height": processed.height,
+            "original_width": processed.original_width,
+            "original_height": processed.original_height,
+            "exif": processed.exif,
+        }
+        return success, processed.data, size
 
     def _process(self, data: bytes):
         return hashlib.sha256(data).hexdigest(), self.processor(data)
 
 
-def copy_tar_samples(location: Location, tar_name: str, writer: ShardWriter) -> None:
-    """Copy every sample of an existing shard tar into `writer`, unchanged."""
+def copy_tar_samples(location: Location, tar_name: str, writer: ShardWriter, position: dict[str, int]) -> set[str]:
+    """Copy every sample of an existing shard tar into `writer`, unchanged, at its key's position; returns
+    the keys copied."""
+    keys = set()
     with location.fs.open(location.path(tar_name), "rb") as f:
         for sample in iter_tar_samples(f):
-            writer.add_raw(sample)
+            writer.add_raw(position[sample["__key__"]], sample)
+            keys.add(sample["__key__"])
+    return keys

@@ -127,7 +127,11 @@ class Fetcher:
                 return await self._read_file(current)
             if current.scheme not in ("http", "https") or not current.host:
                 return Fetched(reason="invalid_url", message=f"unsupported URL {str(current)[:200]!r}")
-            self.guard.check_host(current.host)
+            # The guard reads the host as spelled (yarl passes 0177.0.0.1 and 2130706433 through untouched) and
+            # answers with its canonical address: connecting there means the check and the connection agree.
+            host = self.guard.check_host(current.raw_host)
+            if host != current.raw_host:
+                current = current.with_host(host)
             async with self.session.get(current, allow_redirects=False) as response:
                 if response.status in REDIRECTS and "Location" in response.headers:
                     current = current.join(URL(response.headers["Location"]))

@@ -5,18 +5,21 @@ transient failures again."""
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 
-import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.crawl.crawler import ShardCrawler
 from pipeline.crawl.fetch import TRANSIENT_REASONS
 from pipeline.crawl.guard import AddressGuard
 from pipeline.crawl.image import ImageSettings
-from pipeline.crawl.inputs import plan, read_input
+from pipeline.crawl.inputs import open_input
+from pipeline.crawl.planning import write_plan
 from pipeline.crawl.shard_writer import STATUSES, shard_name
 from pipeline.errors import StageError
+from pipeline.options import COUNT, RAY, Option, check_options
 from pipeline.stage import Finished, Run, Stage, drive
 from pipeline.storage import Location, code_version, config_fingerprint
 
@@ -29,6 +32,7 @@ RUN_ONLY = {
     "image_threads",
     "retry_failed",
     "overwrite",
+    "wait_for_lock",
     "progress",
     "ray",
 }
@@ -52,6 +56,25 @@ IMAGE_KEYS = (
     "max_aspect_ratio",
     "downscale_interpolation",
     "upscale_interpolation",
+    "decode_formats",
+)
+OPTIONS = (
+    Option("number_sample_per_shard", **COUNT),
+    Option("processes", nullable=True, **COUNT),
+    Option("concurrency", **COUNT),
+    Option("image_threads", **COUNT),
+    Option("timeout", float, low=0.001),
+    Option("retries", low=0),
+    Option("retry_backoff", float, low=0),
+    Option("max_bytes", **COUNT),
+    Option("max_redirects", low=0),
+    Option("image_size", **COUNT),
+    Option("encode_quality", low=0, high=100),
+    Option("max_pixels", **COUNT),
+    Option("min_image_size", low=0),
+    Option("max_aspect_ratio", float, low=1, nullable=True),
+    *(Option(k, bool) for k in ("resize_only_if_bigger", "retry_failed", "overwrite", "wait_for_lock", "progress")),
+    RAY,
 )
 
 
@@ -88,11 +111,11 @@ class CrawlStage(Stage):
         self.started = time.time()
         if "://" not in str(cfg["output"]):  # Ray workers may run in another directory than this driver
             cfg["output"] = os.path.abspath(os.path.expanduser(str(cfg["output"])))
-        if int(cfg["number_sample_per_shard"]) < 1:
-            raise StageError(f"number_sample_per_shard={cfg['number_sample_per_shard']}; expected a positive integer")
-        self.table, local_root, self.input_fingerprint = read_input(
+        # Opened, not read: the list is streamed once when planning (it may be billions of rows).
+        self.urls = open_input(
             cfg["input"], cfg["input_format"], cfg["url_col"], cfg["caption_col"], cfg["extra_columns"]
         )
+        self.input_fingerprint, local_root = self.urls.fingerprint, self.urls.local_root
         config = {k: v for k, v in cfg.items() if k not in RUN_ONLY}
         self.cfg, self.output = cfg, Location(cfg["output"])
         self.identity = config_fingerprint({"config": config, "input": self.input_fingerprint})
@@ -105,12 +128,12 @@ class CrawlStage(Stage):
 
     def plan(self, work: Location) -> dict:
         per = int(self.cfg["number_sample_per_shard"])
-        shards = plan(self.table, per)
-        for shard_id, shard in enumerate(shards):
-            with work.open_atomic(f"{shard_name(shard_id)}.parquet") as f:
-                pq.write_table(shard, f)
-        units = [shard_name(i) for i in range(len(shards))]
-        return {"units": units, "rows": self.table.num_rows, "shards": len(shards), "number_sample_per_shard": per}
+        # The dedup spills to local disk: beside the plan when that is local, else in a temporary folder.
+        local = isinstance(work.fs, LocalFileSystem)
+        spill = work.path("spill") if local else tempfile.mkdtemp(prefix="pixelmill-plan-")
+        counts = write_plan(self.urls.batches(), per, work, spill)  # removes `spill`
+        units = [shard_name(i) for i in range(counts["shards"])]
+        return {"units": units, "rows": counts["rows"], "shards": counts["shards"], "number_sample_per_shard": per}
 
     def worker(self, retry: bool) -> tuple[type, dict]:
         return ShardCrawler, {"settings": self.settings, "retry": retry}
@@ -179,6 +202,7 @@ def totals(shard_stats: list[dict]) -> tuple[dict, dict[str, str]]:
 def crawl(cfg: DictConfig | dict) -> dict:
     """Run the crawl stage; returns its manifest."""
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    check_options("crawl", cfg, OPTIONS)
     return drive(CrawlStage(cfg))
 
 

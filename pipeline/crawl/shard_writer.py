@@ -1,7 +1,8 @@
 """One crawl shard on disk, in img2dataset's webdataset layout.
 
-`{shard:05d}.tar` holds `{key}.jpg|txt|json` for every success; `{shard:05d}.parquet` holds a row for *every*
-input row of the shard (success or not); `{shard:05d}_stats.json` is written last, and the stage driver's done
+`{shard:05d}.tar` holds `{key}.jpg|txt|json` for every success, in key order whatever order downloads finish in
+(the same outcomes give the same bytes); `{shard:05d}.parquet` holds a row for *every* input row of the shard
+(success or not), in key order; `{shard:05d}_stats.json` is written last, and the stage driver's done
 record (`_work/done/{shard:05d}.json`, the same stats) after it. All three are written under temporary names
 and renamed, the stats file last.
 """
@@ -17,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.storage import Location
-from pipeline.tar_io import TarSampleWriter
+from pipeline.tar_io import OrderedSampleWriter, TarSampleWriter
 
 # Columns every crawl parquet has, in img2dataset's names and types; input extras follow them.
 BASE_SCHEMA = pa.schema(
@@ -64,7 +65,9 @@ def json_safe(value):
 
 
 class ShardWriter:
-    """Streams samples into a temporary tar as they finish (memory stays flat), then commits the shard."""
+    """Streams samples into a temporary tar in key order as they finish (memory stays flat), then commits the
+    shard. Every row's position in the shard (its place in key order) is `put` once: with its sample, or
+    with `skip` when it has none."""
 
     def __init__(self, location: Location, shard_id: int, schema: pa.Schema, extension: str):
         self.location = location
@@ -72,22 +75,26 @@ class ShardWriter:
         self.schema = schema
         self.extension = extension
         self.tar_name, self.parquet_name, self.stats_name = shard_files(shard_id)
-        self._tar = TarSampleWriter(location, self.tar_name)
+        self._tar = OrderedSampleWriter(TarSampleWriter(location, self.tar_name))
 
-    def add(self, record: dict, image: bytes) -> None:
+    def add(self, position: int, record: dict, image: bytes) -> None:
         meta = {k: json_safe(v) for k, v in record.items()}
         self.add_raw(
+            position,
             {
                 "__key__": record["key"],
                 self.extension: image,
                 "txt": (record["caption"] or "").encode("utf-8"),
                 "json": json.dumps(meta).encode("utf-8"),
-            }
+            },
         )
 
-    def add_raw(self, sample: dict) -> None:
+    def add_raw(self, position: int, sample: dict) -> None:
         """A sample in tar form (see `pipeline.tar_io`), as webdataset and img2dataset lay them out."""
-        self._tar.add(sample)
+        self._tar.put(position, sample)
+
+    def skip(self, position: int) -> None:
+        self._tar.put(position, None)
 
     def commit(self, records: list[dict], stats: dict) -> None:
         """Tar, then parquet, then stats: a shard with a stats file is complete. The stats carry both files'

@@ -3,6 +3,11 @@ make of them: `{key}.latent.npy` (the autoencoder posterior's mean and log-varia
 `{key}.text.npy` (the CLIP text encoder's states, (T, D)) and `{key}.txt`; with `keep_images`, the image too.
 UNet training on these skips both encoders (MosaicML measured ≈1.4× on SD; `bench/train_ldm.py` ours).
 
+Where the Ray cluster has GPUs, each actor takes one (`device=auto`) and encodes in bf16 autocast
+(`precision=auto`); the arrays are stored in `dtype` either way. The manifest's `fingerprints` name the VAE,
+text encoder and tokenizer the cache was made with (`training.diffusion.cache_check`); they are part of the
+stage's identity, and `task=ldm` refuses a cache whose fingerprints are not those of its `vae=` and `clip=`.
+
 One `ShardEncoder` actor call per input shard, each writing its tar, after which the stage driver
 (`pipeline.stage`) writes its done record; a rerun after a kill encodes only the shards without one.
 Samples that cannot be decoded are listed in `errors.parquet` with their reason. `sizes.json` and
@@ -20,12 +25,35 @@ import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import StageError
+from pipeline.options import COUNT, RAY, STAGE_FLAGS, Option, check_options
 from pipeline.stage import Finished, Run, Stage, drive
 from pipeline.storage import MANIFEST, Location, config_fingerprint
 from pipeline.tar_io import TarSampleWriter, iter_tar_samples
 
-RUN_ONLY = {"output", "processes", "overwrite", "progress", "ray", "batch_size"}
+# Not part of the identity: where and how fast the stage runs (`device` among them: it moves no stored value).
+# `precision` is part of it, as bf16 latents differ from fp32 ones in their low bits; `auto` is one identity
+# wherever it resolves, on a cluster with GPUs or without.
+RUN_ONLY = {"output", "processes", "overwrite", "wait_for_lock", "progress", "ray", "batch_size", "device"}
+OPTIONS = (
+    Option("batch_size", **COUNT),
+    Option("image_size", **COUNT),
+    Option("processes", nullable=True, **COUNT),
+    Option("threads_per_actor", **COUNT),
+    Option("keep_images", bool),
+    *STAGE_FLAGS,
+    RAY,
+)
 DTYPES = {"float32": np.float32, "float16": np.float16}
+DEVICES, PRECISIONS = ("auto", "cpu", "cuda"), ("auto", "bf16", "fp32")
+
+
+def resolve_device(device: str, precision: str, gpus: float) -> tuple[str, str]:
+    """(device, precision) for the actors, given the GPUs the Ray cluster offers: auto takes a GPU when there is
+    one, and bf16 there (fp32 on CPU: the numbers the stage always wrote there)."""
+    if device == "cuda" and not gpus:
+        raise StageError("encode: device=cuda but the Ray cluster offers no GPU; pass device=auto or device=cpu")
+    device = device if device != "auto" else ("cuda" if gpus else "cpu")
+    return device, precision if precision != "auto" else ("bf16" if device == "cuda" else "fp32")
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -35,19 +63,27 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 class ShardEncoder:
-    """Loads the frozen encoders once per actor; each call encodes one shard (a batch of one row)."""
+    """Loads the frozen encoders once per actor, on `cfg["device"]` (resolved: cpu or cuda); each call encodes
+    one shard (a batch of one row)."""
 
     def __init__(self, cfg: dict):
         import torch
 
         from training.data.transforms import EvalTransform
         from training.diffusion.autoencoder import SYMMETRIC_MEAN, SYMMETRIC_STD, load_vae
+        from training.diffusion.cache_check import encoder_fingerprints
         from training.diffusion.unet import load_text_encoder
 
         torch.set_num_threads(max(1, int(cfg.get("threads_per_actor") or 1)))
         self.cfg, self.torch = cfg, torch
+        self.device, self.bf16 = torch.device(cfg["device"]), cfg["precision"] == "bf16"
         self.vae = load_vae(cfg["vae"])
         self.text_encoder, self.tokenizer = load_text_encoder(cfg["clip"])
+        # The folders could have been re-exported since the driver hashed them: the manifest must not lie.
+        expected = cfg.get("fingerprints")
+        if expected and encoder_fingerprints(self.vae, self.text_encoder, self.tokenizer) != expected:
+            raise StageError(f"vae={cfg['vae']} or clip={cfg['clip']} changed while encoding; rerun the stage")
+        self.vae.to(self.device), self.text_encoder.to(self.device)
         self.transform = EvalTransform(int(cfg["image_size"]), SYMMETRIC_MEAN, SYMMETRIC_STD)
         self.dtype = DTYPES[cfg["dtype"]]
         self.image_keys, self.caption_key = cfg["image_keys"].split(";"), cfg["caption_key"]
@@ -61,13 +97,22 @@ class ShardEncoder:
             image.load()
             return self.transform(image), caption, ext
 
-    def _encode(self, items: list, writer: TarSampleWriter) -> None:
+    def encode_batch(self, pixels, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(posterior moments (B, 2C, h, w), text states (B, T, D)) as float32, from pixels in [-1, 1]."""
         from training.diffusion.unet import encode_text
 
-        with self.torch.no_grad():
-            moments = self.vae.encode(self.torch.stack([i["pixels"] for i in items])).latent_dist.parameters
-            states = encode_text(self.text_encoder, self.tokenizer, [i["caption"] for i in items])
-        for item, latent, text in zip(items, moments.numpy(), states.numpy()):
+        torch = self.torch
+        # Autocast, not a bf16 copy of the weights: GroupNorm, LayerNorm and softmax stay in fp32.
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            moments = self.vae.encode(pixels.to(self.device)).latent_dist.parameters
+            states = encode_text(self.text_encoder, self.tokenizer, captions)
+        return moments.float().cpu().numpy(), states.float().cpu().numpy()
+
+    def _encode(self, items: list, writer: TarSampleWriter) -> None:
+        moments, states = self.encode_batch(
+            self.torch.stack([i["pixels"] for i in items]), [i["caption"] for i in items]
+        )
+        for item, latent, text in zip(items, moments, states):
             sample = {
                 "__key__": item["key"],
                 "txt": item["caption"].encode(),
@@ -103,7 +148,8 @@ class ShardEncoder:
         except BaseException:
             writer.abort()
             raise
-        return {"shard": name, "samples": written, "sha256": sha, "errors": errors}
+        encoded_with = f"{self.device.type}/{self.cfg['precision']}"
+        return {"shard": name, "samples": written, "sha256": sha, "errors": errors, "encoded_with": encoded_with}
 
 
 def _input_shards(source: Location) -> dict[str, int | None]:
@@ -130,10 +176,18 @@ class EncodeStage(Stage):
                 cfg[key] = os.path.abspath(os.path.expanduser(str(cfg[key])))
         if cfg["dtype"] not in DTYPES:
             raise StageError(f"dtype={cfg['dtype']!r}; expected float32 or float16")
-        from training.diffusion.autoencoder import vae_folder
-        from training.diffusion.unet import require_text_encoder_folder
+        for key, allowed in (("device", DEVICES), ("precision", PRECISIONS)):
+            cfg.setdefault(key, "auto")
+            if cfg[key] not in allowed:
+                raise StageError(f"encode: {key}={cfg[key]!r}; expected {', '.join(allowed[:-1])} or {allowed[-1]}")
+        from training.diffusion.autoencoder import load_vae, vae_folder
+        from training.diffusion.cache_check import encoder_fingerprints
+        from training.diffusion.unet import load_text_encoder, require_text_encoder_folder
 
         vae_folder(cfg["vae"]), require_text_encoder_folder(cfg["clip"])  # a bad folder fails here, before Ray starts
+        # The driver loads the models too, once, for their fingerprints: the identity names the models, not only
+        # their folders, so a different VAE exported into the same folder is a different cache.
+        self.fingerprints = encoder_fingerprints(load_vae(cfg["vae"]), *load_text_encoder(cfg["clip"]))
         source = Location(cfg["input"])
         self.shards = _input_shards(source)
         self.source_hash = source.read_json(MANIFEST)["content_hash"] if source.exists(MANIFEST) else None
@@ -142,6 +196,7 @@ class EncodeStage(Stage):
                 "config": {k: v for k, v in cfg.items() if k not in RUN_ONLY},
                 "input": self.source_hash,
                 "shards": self.shards,
+                "fingerprints": self.fingerprints,
             }
         )
         self.cfg, self.output = cfg, Location(cfg["output"])
@@ -149,8 +204,24 @@ class EncodeStage(Stage):
     def plan(self, work: Location) -> dict:
         return {"units": list(self.shards)}
 
+    def _placement(self) -> tuple[str, str, float]:
+        """(device, precision, GPUs in the cluster): a GPU per actor when the cluster has them (device=auto)."""
+        import ray
+
+        gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+        return (*resolve_device(self.cfg["device"], self.cfg["precision"], gpus), gpus)
+
     def worker(self, retry: bool) -> tuple[type, dict]:
-        return ShardEncoder, {"cfg": self.cfg}
+        device, precision, _ = self._placement()
+        return ShardEncoder, {
+            "cfg": {**self.cfg, "device": device, "precision": precision, "fingerprints": self.fingerprints}
+        }
+
+    def resources(self) -> tuple[dict, int | None]:
+        device, _, gpus = self._placement()
+        if device != "cuda":
+            return {"num_cpus": 1}, None
+        return {"num_cpus": 1, "num_gpus": 1}, self.cfg.get("processes") or max(1, int(gpus))  # one per GPU
 
     def bar(self, run: Run, units: list[str], retry: bool) -> dict:
         return {"total": sum(self.shards[n] or 0 for n in units) or None, "desc": "encode", "unit": "sample"}
@@ -175,10 +246,16 @@ class EncodeStage(Stage):
             f"{len(done)} shards → {out.url} in {time.time() - self.started:.1f} s"
         )
         hashes = {d["shard"]: d["sha256"] for d in done}
-        return Finished(counts, hashes, {"input_content_hash": self.source_hash}, summary)
+        extra = {
+            "input_content_hash": self.source_hash,
+            "fingerprints": self.fingerprints,
+            "encoded_with": sorted({d.get("encoded_with", "unrecorded") for d in done}),  # device/precision
+        }
+        return Finished(counts, hashes, extra, summary)
 
 
 def encode(cfg: DictConfig | dict) -> dict:
     """Run the encode stage; returns its manifest."""
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    check_options("encode", cfg, OPTIONS)
     return drive(EncodeStage(cfg))

@@ -16,6 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import StageError
 from pipeline.filter.report import funnel_chart, funnel_table, log_filter
+from pipeline.lock import output_lock
+from pipeline.options import Option, check_options
 from pipeline.stage import already_complete
 from pipeline.storage import MANIFEST, Location, config_fingerprint, write_manifest
 
@@ -83,9 +85,15 @@ def apply_rules(meta: dict[str, np.ndarray], rules) -> tuple[np.ndarray, list[di
 
 
 def filter_samples(cfg: DictConfig | dict) -> dict:
-    """Run the filter stage; returns its manifest (with the funnel)."""
-    started = time.time()
+    """Run the filter stage; returns its manifest (with the funnel). Holds the output's lock throughout."""
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    check_options("filter", cfg, (Option("wait_for_lock", bool), Option("tracking", bool)))
+    with output_lock(Location(cfg["output"]), "filter", bool(cfg.get("wait_for_lock"))):
+        return _filter_samples(cfg)
+
+
+def _filter_samples(cfg: dict) -> dict:
+    started = time.time()
     meta_dir, out = Location(cfg["input"]), Location(cfg["output"])
     if not meta_dir.exists(MANIFEST):
         raise StageError(f"input {meta_dir.url} has no manifest.json: annotate has not finished there")

@@ -18,12 +18,20 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import StageError
+from pipeline.options import COUNT, RAY, STAGE_FLAGS, Option, check_options
 from pipeline.shard.writer import TrainingShardWriter, output_name
 from pipeline.stage import Finished, Run, Stage, drive
 from pipeline.storage import MANIFEST, Location, config_fingerprint
 from pipeline.tar_io import tar_index
 
-RUN_ONLY = {"input", "selection", "output", "processes", "overwrite", "progress", "ray"}
+RUN_ONLY = {"input", "selection", "output", "processes", "overwrite", "wait_for_lock", "progress", "ray"}
+OPTIONS = (
+    Option("samples_per_shard", **COUNT),
+    Option("seed"),
+    Option("processes", nullable=True, **COUNT),
+    *STAGE_FLAGS,
+    RAY,
+)
 
 
 def _selected(selection: Location) -> tuple[pa.Table, str]:
@@ -123,4 +131,5 @@ class ShardStage(Stage):
 def shard(cfg: DictConfig | dict) -> dict:
     """Run the shard stage; returns its manifest."""
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    check_options("shard", cfg, OPTIONS)
     return drive(ShardStage(cfg))

@@ -19,12 +19,12 @@ class TrainingShardWriter:
     def __init__(self, raw_url: str, output_url: str):
         self.raw = Location(raw_url)
         self.output = Location(output_url)
-        plan = pq.read_table(self.output.path(f"{WORK}/members.parquet")).to_pydict()
+        plan = pq.read_table(self.output.path(f"{WORK}/members.parquet"), filesystem=self.output.fs).to_pydict()
         # key → its members, in the order they were in the raw tar: [(raw shard, extension, offset, size)]
         self.members: dict[str, list] = {}
         for key, shard, ext, offset, size in zip(plan["key"], plan["shard"], plan["ext"], plan["offset"], plan["size"]):
             self.members.setdefault(key, []).append((shard, ext, offset, size))
-        self.assignment = pq.read_table(self.output.path(f"{WORK}/assignment.parquet"))
+        self.assignment = pq.read_table(self.output.path(f"{WORK}/assignment.parquet"), filesystem=self.output.fs)
 
     def __call__(self, unit: str) -> dict:
         """`unit`: the output tar's index as a name ("00003"); returns its done record."""

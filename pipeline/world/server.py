@@ -1,6 +1,8 @@
 """A web server for the world that misbehaves the way the web does; it listens on loopback only.
 
 Every URL is `/{kind}/{row}.jpg`; `kind` picks the behaviour (see `World` for which row has which fault).
+`/file/{name}` serves the bodies in `files` (odd images a test brings: strips, 16-bit PNGs, names with `#`).
+`jitter` delays every answer by a random time up to that many seconds, so two crawls see other timings.
 The server counts the requests it receives per path, so tests can check what a crawler did and did not fetch.
 """
 
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import random
 import socket
 import struct
 import threading
@@ -20,9 +23,20 @@ CHUNK = b"\0" * (1 << 20)
 
 
 class WorldServer:
-    def __init__(self, world: World, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        world: World,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        files: dict[str, bytes] | None = None,
+        jitter: float = 0.0,
+        seed: int | None = None,
+    ):
         self.world = world
         self.host, self.port = host, port
+        self.files = dict(files or {})
+        self.jitter = float(jitter)
+        self._random = random.Random(seed)
         self.requests: collections.Counter[str] = collections.Counter()
         self.user_agents: collections.Counter[str] = collections.Counter()
         self._bodies: dict[int, bytes] = {}
@@ -45,8 +59,21 @@ class WorldServer:
             self._bodies[row] = await asyncio.get_running_loop().run_in_executor(None, self.world.body, row)
         return self._bodies[row]
 
+    async def handle_file(self, request: web.Request) -> web.Response:
+        self.requests[request.path] += 1
+        await self._delay()
+        name = request.match_info["name"]
+        if name not in self.files:
+            raise web.HTTPNotFound()
+        return web.Response(body=self.files[name], headers={"Content-Type": "application/octet-stream"})
+
+    async def _delay(self) -> None:
+        if self.jitter:
+            await asyncio.sleep(self._random.uniform(0, self.jitter))
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests[request.path] += 1
+        await self._delay()
         self.user_agents[request.headers.get("User-Agent", "")] += 1
         kind = request.match_info["kind"]
         try:
@@ -109,6 +136,7 @@ class WorldServer:
     # -- running -------------------------------------------------------------------------------------
     def _app(self) -> web.Application:
         app = web.Application()
+        app.router.add_get("/file/{name}", self.handle_file)
         app.router.add_get("/{kind}/{row}.jpg", self.handle)
         return app
 

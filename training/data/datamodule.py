@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from training.clip.model import CLIP_MEAN, CLIP_STD
 from training.data.shards import ShardList, SlotPlan, list_shards, next_worker, plan_epoch
+from training.data.sources import shard_samples
 from training.data.transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class ShardStream(IterableDataset):
 
     @staticmethod
     def _shard_samples(urls):
-        return wds.tarfile_to_samples(handler=wds.warn_and_continue)({"url": url} for url in urls)
+        return shard_samples(urls)
 
     def _read(self, samples, seed: int):
         """`samples` through the shuffle buffer."""
@@ -258,7 +259,7 @@ class ShardDataModule(pl.LightningDataModule):
 
     def captions(self, limit: int | None = None) -> list[str]:
         """Training captions (for a tokenizer), in shard order."""
-        samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)({"url": u} for u in self.train_shards.urls)
+        samples = shard_samples(self.train_shards.urls)
         texts = (s[self.caption_key].decode("utf-8", "replace") for s in samples if self.caption_key in s)
         return list(itertools.islice(texts, limit))
 

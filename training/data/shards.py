@@ -20,14 +20,12 @@ tells a resumed run how many batches each worker must skip.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 from dataclasses import dataclass
 
 import numpy as np
-from webdataset.shardlists import expand_urls
 
+from training.data.sources import Folder, exists, expand, is_pipe, open_shard
 from training.errors import UserError
 
 
@@ -51,28 +49,32 @@ class ShardList:
 def _count_samples(url: str) -> int:
     import tarfile
 
-    with tarfile.open(url, "r:") as tar:
+    with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         return len({m.name.rsplit("/", 1)[-1].split(".", 1)[0] for m in tar if m.isfile()})
 
 
 def list_shards(path: str) -> ShardList:
     """A folder of tars (sizes from its `sizes.json`, as the shard stage and img2dataset-style tools write
-    it), or a brace pattern such as `data/{00000..00099}.tar`. Sizes missing from `sizes.json` are counted."""
-    if os.path.isdir(path):
-        urls = sorted(glob.glob(os.path.join(path, "*.tar")))
-        sizes_file = os.path.join(path, "sizes.json")
+    it), or a brace pattern such as `data/{00000..00099}.tar`; local, any fsspec URL (`s3://…`), or `pipe:`
+    commands (sizes then come from reading each stream once). Sizes missing from `sizes.json` are counted."""
+    path = str(path)
+    folder = None if is_pipe(path) else Folder(path)
+    if folder is not None and folder.isdir():
+        urls = folder.files(".tar")
     else:
-        urls = sorted(expand_urls(path))
-        sizes_file = os.path.join(os.path.dirname(urls[0]) if urls else "", "sizes.json")
+        urls = sorted(expand(path))
+        parent = None if is_pipe(path) or not urls else Folder(urls[0].rsplit("/", 1)[0])
+        folder = parent if parent is not None and parent.isdir() else None
     if not urls:
         raise UserError(
             f"data path {path} holds no .tar shards; expected the output of pipeline.shard or a brace pattern"
         )
-    missing = [u for u in urls if not os.path.exists(u)]
+    missing = [u for u in urls if not exists(u)]
     if missing:
         raise UserError(f"shard {missing[0]} does not exist ({len(missing)} missing)")
-    known = json.load(open(sizes_file)) if os.path.exists(sizes_file) else {}
-    sizes = tuple(int(known[os.path.basename(u)]) if os.path.basename(u) in known else _count_samples(u) for u in urls)
+    known = json.loads(folder.read_text("sizes.json")) if folder is not None and folder.exists("sizes.json") else {}
+    names = [u.rsplit("/", 1)[-1] for u in urls]
+    sizes = tuple(int(known[n]) if n in known else _count_samples(u) for n, u in zip(names, urls))
     return ShardList(tuple(urls), sizes)
 
 

@@ -8,6 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from training.diffusion.autoencoder import SYMMETRIC_MEAN, SYMMETRIC_STD, downscale_factor, load_vae
+from training.diffusion.cache_check import check_cache
 from training.diffusion.export import ExportPipeline, ExportVae
 from training.diffusion.unet import load_text_encoder
 from training.errors import UserError
@@ -31,6 +32,7 @@ def ldm_recipe(cfg: DictConfig, datamodule, output: str) -> Recipe:
         raise UserError("task=ldm needs vae=<AutoencoderKL folder> and clip=<CLIP folder>")
     vae = load_vae(str(cfg.vae), "vae")
     text_encoder, tokenizer = load_text_encoder(str(cfg.clip), "clip")
+    check_cache(cfg.data, cfg, vae, text_encoder, tokenizer)  # a cache of other encoders: refused before training
     size = int(cfg.image_size)
     if size % downscale_factor(vae):
         raise UserError(
