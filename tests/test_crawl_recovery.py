@@ -26,22 +26,7 @@ def test_kill_9_then_the_same_command_resumes(tmp_path):
     with WorldServer(world) as server:
         urls, truth_path = world.write(tmp_path, server.base_url)
         out = tmp_path / "raw"
-        command = [
-            sys.executable,
-            "-m",
-            "pipeline.crawl",
-            f"input={urls}",
-            f"output={out}",
-            "allow_networks=[127.0.0.1/32]",
-            "timeout=1",
-            "retries=1",
-            "retry_backoff=0.05",
-            "number_sample_per_shard=10",
-            "image_size=64",
-            "max_bytes=1048576",
-            "processes=1",
-            "concurrency=4",
-        ]
+        command = crawl_command(urls, out, "number_sample_per_shard=10", "concurrency=4")
         kill_when(command, lambda: len(glob.glob(f"{out}/_work/done/*.json")) >= 2)
         done_before = sorted(glob.glob(f"{out}/_work/done/*.json"))
         assert 2 <= len(done_before) < 12 and not os.path.exists(out / "manifest.json")

@@ -25,17 +25,8 @@ from pipeline.tar_io import iter_tar_samples
 
 STATUS_OF_FETCH_FAILURE = "failed_to_download"
 STATUS_OF_IMAGE_FAILURE = "failed_to_resize"
-RESULT_FIELDS = (
-    "status",
-    "reason",
-    "error_message",
-    "width",
-    "height",
-    "original_width",
-    "original_height",
-    "exif",
-    "sha256",
-)
+# What a crawl adds to an input row: the output columns after the row's own key, url and caption.
+RESULT_FIELDS = tuple(name for name in BASE_SCHEMA.names if name not in ("key", "url", "caption"))
 
 
 class ShardCrawler:
