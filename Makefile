@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install lint format test demo bench bench-curate bench-train bench-eval bench-ldm bench-drawbench clean
+.PHONY: install lint format test demo bench bench-curate bench-train bench-eval bench-ldm bench-drawbench bench-dedup clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ bench-ldm: $(STAMP)
 
 bench-drawbench: $(STAMP)
 	$(PY) bench/drawbench.py $(ARGS)
+
+# Fetches its pictures (Debian packages, scikit-image's wheel) into ~/.cache/pixelmill/dedup-bench once.
+bench-dedup: $(STAMP)
+	$(PY) bench/dedup.py $(ARGS)
 
 clean:
 	rm -rf data outputs multirun bench/out

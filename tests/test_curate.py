@@ -82,6 +82,34 @@ def test_filter_removes_duplicates_against_ground_truth(default_world_raw, annot
     assert len(runs) == 1 and runs["metrics.filter.kept"][0] == counts["kept"]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(runs["run_id"][0], "filter")}
     assert {"filter/funnel.png", "filter/funnel.json", "filter/funnel.txt"} <= artifacts
+    assert {"filter/pairs_exact_duplicate.png", "filter/pairs_near_duplicate.png"} <= artifacts
+    selection = pq.read_table(tmp_path / "sel" / "selection.parquet").to_pylist()
+    kept = {s["key"]: s for s in selection if s["keep"]}
+    for s in selection:
+        if s["reason"] in ("exact_duplicate", "near_duplicate"):
+            assert s["duplicate_of"] in kept and kept[s["duplicate_of"]]["group"] == s["group"] is not None
+
+
+def test_semantic_dedup_reads_annotates_embeddings_and_prints_its_eps_table(annotated, tmp_path, capsys):
+    meta_dir, _ = annotated
+    manifest = filter_samples(
+        stage_config(
+            "filtering",
+            f"input={meta_dir}",
+            f"output={tmp_path}",
+            "tracking=false",
+            "filter=semantic",
+            "filter.clip_score.min=-1",
+            "filter.semantic_duplicate.eps=0.02",
+        )
+    )
+    table = json.load(open(tmp_path / "eps_semantic_duplicate.json"))
+    assert [row["eps"] for row in table] == sorted(row["eps"] for row in table)
+    dropped = [row["dropped"] for row in table]
+    assert dropped == sorted(dropped)  # a looser eps never drops fewer rows
+    at_002 = next(row["dropped"] for row in table if row["eps"] == 0.02)
+    assert manifest["counts"]["dropped"].get("semantic_duplicate", 0) == at_002
+    assert open(tmp_path / "eps_semantic_duplicate.txt").read().strip() in capsys.readouterr().out
 
 
 def test_size_and_caption_rules_drop_exactly_the_violators(annotated, tmp_path):

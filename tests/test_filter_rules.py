@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.errors import StageError
 from pipeline.filter.near_duplicates import hashes_to_words, near_duplicate_groups
-from pipeline.filter.rules import AspectRatio, CaptionLength, ClipScore, ExactDuplicate, ImageSize, NearDuplicate
+from pipeline.filter.rules import AspectRatio, CaptionLength, ClipScore, ExactDuplicate, ImageSize
 from pipeline.filter.run import apply_rules, build_rules
 
 
@@ -67,7 +67,8 @@ def test_exact_duplicates_keep_the_first_key_and_rules_run_rows_first():
         }
     )
     assert [name for name, _ in rules] == ["size", "dedup"]  # row rules before set rules
-    reason, funnel = apply_rules(meta, rules)
+    outcome = apply_rules(meta, rules)
+    reason, funnel = outcome.reason, outcome.funnel
     assert funnel[-1]["left"] == (reason == None).sum()  # noqa: E711
     assert sum(s["dropped"] for s in funnel) + funnel[-1]["left"] == 200  # nothing lost
     with pytest.raises(StageError, match="filter.size"):
@@ -93,10 +94,3 @@ def test_near_duplicate_groups_lsh_matches_exact_search():
     assert (lsh == exact).all()
     words = hashes_to_words(list(hashes[:2]))
     assert words.shape == (2, 3)
-
-
-def test_near_duplicate_rule_keeps_the_smallest_key_of_each_group():
-    hashes = _planted(400, 30)
-    meta = {"key": np.array([f"{i:05d}" for i in range(400)], dtype=object), "dhash": hashes}
-    dropped = NearDuplicate(max_distance=20).drop(meta, np.ones(400, bool))
-    assert dropped.sum() == 30 and dropped[370:].all() and not dropped[:370].any()

@@ -24,6 +24,7 @@ from pipeline.options import COUNT, RAY, STAGE_FLAGS, Option, check_options
 from pipeline.ray_setup import actor_count, init_ray, quiet_ray_data
 from pipeline.stage import Finished, Run, Stage, drive
 from pipeline.storage import MANIFEST, Location, config_fingerprint, file_sha256
+from pipeline.thumbnails import THUMBNAIL_BYTES
 
 RUN_ONLY = {
     "input",
@@ -50,6 +51,7 @@ COLUMNS = [
     ("caption", pa.string()),
     ("sha256", pa.string()),
     ("dhash", pa.string()),
+    ("thumbnail", pa.binary(THUMBNAIL_BYTES)),
     ("width", pa.int32()),
     ("height", pa.int32()),
     ("original_width", pa.int32()),
@@ -99,16 +101,20 @@ def to_table(parts: list[dict]) -> pa.Table:
         values = batch[name]
         if pa.types.is_string(kind):  # Ray hands an all-null object column back as NaN floats
             columns[name] = pa.array([v if isinstance(v, str) else None for v in values.tolist()], type=kind)
+        elif pa.types.is_fixed_size_binary(kind):
+            columns[name] = pa.array([v if isinstance(v, bytes) else None for v in values.tolist()], type=kind)
         else:
             values = values.astype(kind.to_pandas_dtype())
             columns[name] = pa.array(values, type=kind, mask=~np.isfinite(values) | (values < 0))
     if "clip_score" in batch:
-        unreadable = pa.array([isinstance(e, str) for e in batch["error"]])
+        unreadable = np.array([isinstance(e, str) for e in batch["error"]])
         for name in ("image_embedding", "text_embedding"):
             values = np.ascontiguousarray(batch[name], dtype=np.float16)
-            columns[name] = pa.FixedSizeListArray.from_arrays(
-                pa.array(values.reshape(-1)), values.shape[1], mask=unreadable
-            )
+            dim = values.shape[1]
+            # Null elements, not a null list: pyarrow 25 writes a null fixed-size list that it cannot read back
+            # (apache/arrow#35692). Readers see a row of nulls (NaN) for an unreadable image.
+            elements = pa.array(values.reshape(-1), mask=np.repeat(unreadable, dim))
+            columns[name] = pa.FixedSizeListArray.from_arrays(elements, dim)
         columns["clip_score"] = pa.array(batch["clip_score"].astype(np.float32), mask=~np.isfinite(batch["clip_score"]))
     return pa.table(columns)
 

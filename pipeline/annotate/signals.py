@@ -18,6 +18,7 @@ from PIL import Image
 
 from pipeline.storage import Location
 from pipeline.tar_io import iter_tar_samples
+from pipeline.thumbnails import TRIM_SIZE, make_thumbnail
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SAMPLES_PER_BATCH = 256
@@ -35,7 +36,7 @@ class ShardAnnotator:
 
     def __init__(self, input_url: str):
         self.input = Location(input_url)
-        self.signals = [ImageGeometry(), ContentHash(), DifferenceHash(), CaptionStats()]
+        self.signals = [ImageGeometry(), ContentHash(), DifferenceHash(), Thumbnail(), CaptionStats()]
 
     def __call__(self, batch: dict):
         for shard in batch["shard"]:
@@ -142,6 +143,28 @@ class DifferenceHash:
                 hashes.append(None)
                 errors[i] = f"unreadable image: {type(err).__name__}: {err}"
         batch["dhash"] = _column(hashes)
+        batch["error"] = _column(errors)
+        return batch
+
+
+class Thumbnail:
+    """Two 32-px views of the picture (pipeline/thumbnails.py), so that the filter can confirm near-duplicates
+    and show them without opening an image: THUMBNAIL_BYTES bytes a row."""
+
+    def __call__(self, batch: dict) -> dict:
+        thumbnails, errors = [], list(batch["error"])
+        for i, data in enumerate(batch["image"]):
+            if errors[i] is not None:
+                thumbnails.append(None)
+                continue
+            try:
+                with Image.open(io.BytesIO(data)) as image:
+                    image.draft("RGB", (2 * TRIM_SIZE, 2 * TRIM_SIZE))  # JPEG: decode at a reduced scale
+                    thumbnails.append(make_thumbnail(image))
+            except Exception as err:  # a broken body that the hash's reduced decode did not reach
+                thumbnails.append(None)
+                errors[i] = f"unreadable image: {type(err).__name__}: {err}"
+        batch["thumbnail"] = _column(thumbnails)
         batch["error"] = _column(errors)
         return batch
 

@@ -61,28 +61,66 @@ def _lsh_pairs(words: np.ndarray, t: int, tables: int, bits_per_table: int, seed
             yield np.minimum(a, b)[close], np.maximum(a, b)[close]
 
 
-def near_duplicate_groups(
+def hash_pairs(
     hex_hashes, max_distance: int, exact_below: int = 10000, tables: int = 40, bits_per_table: int = 20, seed: int = 0
 ) -> np.ndarray:
-    """A group label per row; rows whose hash is null form groups of their own."""
-    hex_hashes = np.asarray(hex_hashes, dtype=object)
-    present = np.array([isinstance(h, str) for h in hex_hashes])
-    labels = np.arange(len(hex_hashes)) + len(hex_hashes)  # rows without a hash: alone
-    if not present.any():
-        return labels
-    rows = np.flatnonzero(present)
-    # Identical hashes first: one representative each, so a thousand copies do not make a million pairs.
-    unique, first_row, inverse = np.unique(hex_hashes[rows].astype(str), return_index=True, return_inverse=True)
+    """(E, 2) row pairs whose hashes are within `max_distance` bits; every hash must be a string. Identical
+    hashes are compared once: a thousand copies do not make a million pairs, but are all paired with one."""
+    hex_hashes = np.asarray(hex_hashes, dtype=object).astype(str)
+    if len(hex_hashes) < 2:
+        return np.zeros((0, 2), np.int64)
+    unique, first_row, inverse = np.unique(hex_hashes, return_index=True, return_inverse=True)
     words = hashes_to_words(list(unique))
-    pairs = (
+    search = (
         _exact_pairs(words, max_distance)
         if len(unique) < exact_below
         else _lsh_pairs(words, max_distance, tables, bits_per_table, seed)
     )
-    found = list(pairs)
-    a = np.concatenate([p[0] for p in found]) if found else np.zeros(0, int)
-    b = np.concatenate([p[1] for p in found]) if found else np.zeros(0, int)
-    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(len(unique), len(unique)))
-    _, component = connected_components(graph, directed=False)
-    labels[rows] = component[inverse]
+    found = [np.stack([first_row[a], first_row[b]], 1) for a, b in search]
+    # every copy of a hash is paired with the first row that has it
+    copies = np.flatnonzero(first_row[inverse] != np.arange(len(hex_hashes)))
+    found.append(np.stack([first_row[inverse[copies]], copies], 1))
+    return np.concatenate(found).astype(np.int64)
+
+
+def groups_of(pairs: np.ndarray, n: int) -> np.ndarray:
+    """Connected components of the pairs over n rows: a label per row (a row in no pair is alone)."""
+    graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def near_duplicate_groups(hex_hashes, max_distance: int, **search) -> np.ndarray:
+    """A group label per row by hash distance alone; rows whose hash is null form groups of their own."""
+    hex_hashes = np.asarray(hex_hashes, dtype=object)
+    present = np.flatnonzero([isinstance(h, str) for h in hex_hashes])
+    labels = np.arange(len(hex_hashes)) + len(hex_hashes)  # rows without a hash: alone
+    if len(present):
+        labels[present] = groups_of(hash_pairs(hex_hashes[present], max_distance, **search), len(present))
     return labels
+
+
+def star_groups(pairs: np.ndarray, distance: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Groups in which every member was confirmed against the group's kept row itself: rows 0..n-1 are taken
+    in order; a row not yet in a group keeps one, and takes every row paired with it that is still free.
+    Unlike connected components, a chain of confirmations (a~b, b~c) cannot carry c into a's group: one
+    false pair costs at most one row, never a whole picture and its copies. Returns each row's kept row and
+    the distance of its pair with it (0 for a kept row)."""
+    keeper = np.full(n, -1, np.int64)
+    to_keeper = np.zeros(n)
+    if len(pairs):
+        both = np.concatenate([pairs, pairs[:, ::-1]])
+        weights = np.concatenate([distance, distance])
+        order = np.lexsort((weights, both[:, 0]))  # by row, then closest first
+        both, weights = both[order], weights[order]
+        starts = np.searchsorted(both[:, 0], np.arange(n + 1))
+    for row in range(n):
+        if keeper[row] >= 0:
+            continue
+        keeper[row] = row
+        if not len(pairs):
+            continue
+        others, far = both[starts[row] : starts[row + 1], 1], weights[starts[row] : starts[row + 1]]
+        free = keeper[others] < 0
+        keeper[others[free]] = row
+        to_keeper[others[free]] = far[free]
+    return keeper, to_keeper

@@ -1,8 +1,20 @@
-"""The filter's report: a funnel table (text), a funnel chart (PNG), and both in MLflow."""
+"""The filter's report: a funnel table (text) and chart (PNG), a grid of sample pairs per duplicate rule
+(`pairs_<rule>.png`), the eps table of a rule that has one (`eps_<rule>.txt` and `.json`), and all of it in
+MLflow under `filter/`."""
 
 from __future__ import annotations
 
 import io
+import json
+from typing import TYPE_CHECKING
+
+from pipeline.filter.pairs import pair_grid
+from pipeline.storage import Location
+
+if TYPE_CHECKING:
+    from pipeline.filter.run import FilterOutcome
+
+PAIRS, EPS = "pairs_", "eps_"  # name prefixes of the per-rule report files
 
 
 def funnel_table(funnel: list[dict]) -> str:
@@ -39,11 +51,50 @@ def funnel_chart(funnel: list[dict], title: str = "") -> bytes:
     return buffer.getvalue()
 
 
+def write_report(out: Location, outcome: FilterOutcome, meta: dict, title: str = "") -> dict[str, bytes]:
+    """Write the report files into `out`; returns name → bytes written. Pair grids need annotate's
+    `thumbnail` column: without it they are skipped, with a line saying so."""
+    for name in out.listdir():  # an earlier run's grids and tables, perhaps of rules no longer configured
+        if name.startswith((PAIRS, EPS)):
+            out.remove(name)
+    files = {
+        "funnel.txt": (funnel_table(outcome.funnel) + "\n").encode(),
+        "funnel.png": funnel_chart(outcome.funnel, title),
+    }
+    found = [p for p in outcome.pairs if len(p.dropped)]
+    if found and "thumbnail" not in meta:
+        print(
+            f"filter: no pair grids for {', '.join(p.rule for p in found)}: "
+            "the metadata has no thumbnail column (annotate it again with this version)"
+        )
+    elif found:
+        for pairs in found:
+            files[f"{PAIRS}{pairs.rule}.png"] = pair_grid(pairs, meta["thumbnail"], meta["key"])
+    if outcome.eps_tables:
+        from pipeline.filter.semantic import format_eps_table
+
+        for rule, rows in outcome.eps_tables.items():
+            files[f"{EPS}{rule}.txt"] = (format_eps_table(rows) + "\n").encode()
+            files[f"{EPS}{rule}.json"] = json.dumps(rows, indent=2).encode()
+    for name, data in files.items():
+        with out.open_atomic(name) as f:
+            f.write(data)
+    return files
+
+
 def log_filter(manifest: dict, chart: bytes, table_text: str) -> None:
-    """Log into the active MLflow run (`pipeline.run`'s), or into a run of its own when there is none."""
+    """Log into the active MLflow run (`pipeline.run`'s), or into a run of its own when there is none. The
+    per-rule files are read back from the output, which the manifest's `report` lists, so that a caller
+    that finds the filter already complete logs them too."""
     from training.tracking import mlflow_run, setup_mlflow
 
     mlflow = setup_mlflow()
+    out = Location(manifest["config"]["output"])
+    per_rule = {}
+    for name in manifest.get("report", {}):
+        if name.startswith((PAIRS, EPS)):
+            with out.fs.open(out.path(name), "rb") as f:
+                per_rule[name] = f.read()
 
     def log():
         for i, step in enumerate(manifest["funnel"]):
@@ -59,6 +110,13 @@ def log_filter(manifest: dict, chart: bytes, table_text: str) -> None:
         )
         mlflow.log_image(_png(chart), "filter/funnel.png")
         mlflow.log_text(table_text, "filter/funnel.txt")
+        for name, data in per_rule.items():
+            if name.endswith(".png"):
+                mlflow.log_image(_png(data), f"filter/{name}")
+            elif name.endswith(".txt"):
+                mlflow.log_text(data.decode(), f"filter/{name}")
+            elif rows := json.loads(data):
+                mlflow.log_table({column: [row[column] for row in rows] for column in rows[0]}, f"filter/{name}")
         mlflow.set_tags(
             {"data.meta_hash": manifest["input_content_hash"], "data.selection_hash": manifest["content_hash"]}
         )

@@ -11,7 +11,12 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.errors import StageError
-from pipeline.filter.near_duplicates import near_duplicate_groups
+from pipeline.filter.candidates import neighbour_pairs
+from pipeline.filter.confirm import Matcher, Tolerances
+from pipeline.filter.near_duplicates import hash_pairs, star_groups
+from pipeline.thumbnails import THUMBNAIL_BYTES, Thumbnails
+
+PAIR_CHUNK = 8192
 
 
 class Rule:
@@ -21,6 +26,39 @@ class Rule:
     def drop(self, meta: dict[str, np.ndarray], alive: np.ndarray) -> np.ndarray:
         """A boolean mask over all rows; only rows in `alive` may be set."""
         raise NotImplementedError
+
+
+class DuplicateRule(Rule):
+    """A set rule that drops a row because it repeats another: it says which row each dropped one repeats,
+    so that the selection can name it (`duplicate_of`, `group`) and the report can show the pairs."""
+
+    kind = "set"
+    distance_name = "distance"  # what `Duplicates.distance` measures, for the report's pair grid
+
+    def duplicates(self, meta: dict[str, np.ndarray], alive: np.ndarray) -> Duplicates:
+        raise NotImplementedError
+
+    def drop(self, meta, alive):
+        return self.duplicates(meta, alive).of >= 0
+
+
+class Duplicates:
+    """`of[i]`: the row that row i repeats, a row this rule keeps (-1: row i is not dropped by this rule);
+    `distance[i]`: how far row i is from it (NaN where of[i] is -1)."""
+
+    def __init__(self, of: np.ndarray, distance: np.ndarray | None = None):
+        self.of = np.asarray(of, np.int64)
+        self.distance = np.full(len(self.of), np.nan) if distance is None else np.asarray(distance, np.float64)
+
+    @classmethod
+    def from_groups(cls, rows: np.ndarray, groups: np.ndarray, n: int) -> Duplicates:
+        """Rows (in key order) labelled by group: each group's first row stays, the others repeat it."""
+        of = np.full(n, -1, np.int64)
+        _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+        keeper = rows[first][inverse]
+        repeats = keeper != rows
+        of[rows[repeats]] = keeper[repeats]
+        return cls(of)
 
 
 def _bounds(values: np.ndarray, low, high) -> np.ndarray:
@@ -94,41 +132,99 @@ class ClipScore(Rule):
         return dropped
 
 
-class ExactDuplicate(Rule):
+class ExactDuplicate(DuplicateRule):
     """Identical image bytes (sha256): the first row of each group stays."""
 
-    kind = "set"
     columns = ("sha256",)
 
-    def drop(self, meta, alive):
+    def duplicates(self, meta, alive):
         rows = np.flatnonzero(alive)
-        _, first = np.unique(meta["sha256"][rows].astype(str), return_index=True)
-        dropped = alive.copy()
-        dropped[rows[first]] = False
-        return dropped
+        found = Duplicates.from_groups(rows, meta["sha256"][rows].astype(str), len(alive))
+        found.distance[found.of >= 0] = 0.0
+        return found
 
 
-class NearDuplicate(Rule):
-    """Perceptual hashes within `max_distance` bits are one group (transitively); its first row stays."""
+class NearDuplicate(DuplicateRule):
+    """One picture, altered (resized, re-encoded, cropped, lighter or darker): its rows are one group, whose
+    first row stays. Candidates are pairs of rows whose difference hashes are within `max_distance` bits, or
+    whose thumbnails are among each other's `neighbours` most correlated; each candidate is confirmed by
+    aligning and comparing the two thumbnails (pipeline/filter/confirm.py, where the tolerances are
+    explained). Each group holds rows confirmed against its kept row itself (near_duplicates.star_groups)."""
 
-    kind = "set"
-    columns = ("dhash",)
+    columns = ("dhash", "thumbnail")
+    distance_name = "1 - correlation"
 
     def __init__(
         self,
         max_distance: int = 20,
+        neighbours: int = 10,
+        min_similarity: float = 0.5,
+        max_margin: float = 0.2,
+        min_correlation: float = 0.9,
+        max_block_residual: float = 0.6,
+        max_colour_residual: float = 0.6,
+        max_aspect_change: float = 1.5,
+        max_contrast_change: float = 2.0,
+        flips: bool = False,
         exact_below: int = 10000,
         tables: int = 40,
         bits_per_table: int = 20,
         seed: int = 0,
     ):
-        self.max_distance = int(max_distance)
-        self.options = {"exact_below": exact_below, "tables": tables, "bits_per_table": bits_per_table, "seed": seed}
+        if not 0 <= max_margin < 0.5:
+            raise StageError(f"near_duplicate.max_margin={max_margin}; expected a share of the side in [0, 0.5)")
+        if not -1 <= min_similarity <= 1 or not -1 <= min_correlation <= 1:
+            raise StageError("near_duplicate.min_similarity and min_correlation are correlations, in [-1, 1]")
+        self.max_distance, self.neighbours, self.min_similarity = int(max_distance), int(neighbours), min_similarity
+        self.search = {"exact_below": exact_below, "tables": tables, "bits_per_table": bits_per_table, "seed": seed}
+        self.tolerances = Tolerances(
+            max_margin,
+            min_correlation,
+            max_block_residual,
+            max_colour_residual,
+            max_aspect_change,
+            max_contrast_change,
+            bool(flips),
+        )
 
-    def drop(self, meta, alive):
-        rows = np.flatnonzero(alive)
-        groups = near_duplicate_groups(meta["dhash"][rows], self.max_distance, **self.options)
-        _, first = np.unique(groups, return_index=True)  # rows are in key order: first = smallest key
-        dropped = alive.copy()
-        dropped[rows[first]] = False
-        return dropped
+    def candidates(self, hashes: np.ndarray, blobs: np.ndarray) -> np.ndarray:
+        by_hash = hash_pairs(hashes, self.max_distance, **self.search)
+        by_thumbnail = neighbour_pairs(blobs, self.neighbours, self.min_similarity, self.search["seed"])
+        pairs = np.concatenate([by_hash, by_thumbnail])
+        pairs = np.stack([pairs.min(1), pairs.max(1)], 1)
+        return np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0)
+
+    def duplicates(self, meta, alive):
+        n = len(alive)
+        valid = np.array([isinstance(h, str) for h in meta["dhash"]]) & np.array(
+            [isinstance(t, bytes) and len(t) == THUMBNAIL_BYTES for t in meta["thumbnail"]]
+        )
+        rows = np.flatnonzero(alive & valid)
+        if len(rows) < 2:
+            return Duplicates(np.full(n, -1))
+        blobs = meta["thumbnail"][rows]
+        # Identical thumbnails are one picture: compare one representative each.
+        unique, first, inverse = np.unique(blobs.astype(bytes), return_index=True, return_inverse=True)
+        matcher = Matcher(self.tolerances)
+        pairs = self.candidates(meta["dhash"][rows][first], blobs[first])
+        confirmed = np.zeros(len(pairs), bool)
+        correlation = np.zeros(len(pairs), np.float32)
+        for start in range(0, len(pairs), PAIR_CHUNK):  # decoded a chunk of pairs at a time: bounded memory
+            chunk = pairs[start : start + PAIR_CHUNK]
+            a, b = (Thumbnails.decode(blobs[first[chunk[:, k]]]) for k in (0, 1))
+            scores = matcher.compare(a, b)
+            confirmed[start : start + len(chunk)] = scores.accepted(self.tolerances)
+            correlation[start : start + len(chunk)] = scores.correlation
+        # Representatives in key order (np.unique sorted them by bytes), so that the first row of a group stays.
+        by_key = np.argsort(first)
+        position = np.empty_like(by_key)
+        position[by_key] = np.arange(len(by_key))
+        keeper, to_keeper = star_groups(position[pairs[confirmed]], 1 - correlation[confirmed], len(unique))
+        kept_rep = by_key[keeper][position]  # each representative's kept representative
+        kept_row = rows[first[kept_rep[inverse]]]
+        found = Duplicates(np.full(n, -1))
+        found.of[rows] = np.where(kept_row != rows, kept_row, -1)
+        # A copy of the kept row's own thumbnail is at 0; another picture at the distance of its pair with it.
+        found.distance[rows] = np.where(kept_rep[inverse] == inverse, 0.0, to_keeper[position][inverse])
+        found.distance[found.of < 0] = np.nan
+        return found

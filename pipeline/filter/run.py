@@ -1,12 +1,15 @@
-"""`filter_samples(cfg)`: metadata → selection (key, shard, keep, reason) and a funnel report.
+"""`filter_samples(cfg)`: metadata → selection (key, shard, keep, reason, duplicate_of, group) and a report:
+the funnel, a grid of sample pairs per duplicate rule, and the eps table of a rule that has one.
 
 Pure pyarrow/numpy over the annotate output: it never opens an image, so trying another rule costs seconds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +18,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import StageError
-from pipeline.filter.report import funnel_chart, funnel_table, log_filter
+from pipeline.filter.pairs import RulePairs
+from pipeline.filter.report import log_filter, write_report
+from pipeline.filter.rules import DuplicateRule
 from pipeline.lock import output_lock
 from pipeline.options import Option, check_options
 from pipeline.stage import already_complete
@@ -42,7 +47,8 @@ def build_rules(filter_cfg: dict) -> list[tuple[str, object]]:
     return [r for r in rules if r[1].kind == "row"] + [r for r in rules if r[1].kind == "set"]
 
 
-def read_metadata(location: Location, columns: list[str]) -> dict[str, np.ndarray]:
+def read_metadata(location: Location, columns: list[str], optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """`columns` (an error when one is missing) and those of `optional` that the metadata has, in key order."""
     names = [n for n in location.listdir() if n.endswith(".parquet") and not n.startswith("_")]
     if not names:
         raise StageError(
@@ -55,19 +61,46 @@ def read_metadata(location: Location, columns: list[str]) -> dict[str, np.ndarra
             f"the rules need column(s) {missing}, which {location.url} lacks"
             + ("; annotate with clip=<CLIP folder> for clip_score" if "clip_score" in missing else "")
         )
+    columns = [*columns, *(c for c in optional if c in dataset.schema.names and c not in columns)]
     table = dataset.to_table(columns=columns).sort_by("key")
     meta = {}
     for name in columns:
         column = table.column(name)
         if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
             meta[name] = column.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls → NaN
+        elif pa.types.is_fixed_size_list(column.type):  # embeddings: (rows, dim) float32; a null row → NaN
+            dim, start = column.type.list_size, 0
+            meta[name] = np.empty((len(column), dim), np.float32)
+            for chunk in column.chunks:
+                # `.values` ignores the chunk's offset but keeps null rows' slots; flatten() would drop them.
+                values = chunk.values.slice(chunk.offset * dim, len(chunk) * dim).to_numpy(zero_copy_only=False)
+                block = meta[name][start : start + len(chunk)]
+                block[:] = values.reshape(len(chunk), dim)
+                block[chunk.is_null().to_numpy(zero_copy_only=False)] = np.nan
+                start += len(chunk)
         else:
             meta[name] = np.asarray(column.to_pylist(), dtype=object)
     return meta
 
 
-def apply_rules(meta: dict[str, np.ndarray], rules) -> tuple[np.ndarray, list[dict]]:
-    """Every row's reason (None: kept) and the funnel: rows left after each step."""
+@dataclass
+class FilterOutcome:
+    """What the rules decided. Per row: `reason` (the rule that dropped it; None: kept), `duplicate_of` (the
+    row it repeats, -1 if no duplicate rule dropped it) and `group` (-1: in none). Per step, the funnel; per
+    duplicate rule, the pairs it found; per rule with an `eps_table`, that table over the rows it saw."""
+
+    reason: np.ndarray
+    funnel: list[dict]
+    duplicate_of: np.ndarray
+    group: np.ndarray
+    pairs: list[RulePairs]
+    eps_tables: dict[str, list[dict]]
+
+
+def apply_rules(meta: dict[str, np.ndarray], rules) -> FilterOutcome:
+    """Run the rules in order, each over the rows still alive. A duplicate rule's links end at rows that no
+    duplicate rule dropped (see `_link_duplicates`); a set rule that is not a duplicate rule (clip_score's
+    top_fraction) may still drop a row that others repeat: their links and group then name a dropped row."""
     n = len(meta["key"])
     reason = np.full(n, None, dtype=object)
     unreadable = np.array([isinstance(e, str) for e in meta["error"]])
@@ -76,12 +109,51 @@ def apply_rules(meta: dict[str, np.ndarray], rules) -> tuple[np.ndarray, list[di
         {"step": "input", "dropped": 0, "left": n},
         {"step": UNREADABLE, "dropped": int(unreadable.sum()), "left": int(n - unreadable.sum())},
     ]
+    duplicate_of = np.full(n, -1, np.int64)
+    pairs, eps_tables = [], {}
     for name, rule in rules:
         alive = reason == None  # noqa: E711 (elementwise)
-        dropped = rule.drop(meta, alive) & alive
+        if hasattr(rule, "eps_table"):  # over the rows this rule sees, so its counts match what it drops
+            eps_tables[name] = rule.eps_table(meta, alive)
+        if isinstance(rule, DuplicateRule):
+            dropped, found = _link_duplicates(name, rule, meta, alive, duplicate_of)
+            pairs.append(found)
+        else:
+            dropped = rule.drop(meta, alive) & alive
         reason[dropped] = name
         funnel.append({"step": name, "dropped": int(dropped.sum()), "left": int((reason == None).sum())})  # noqa: E711
-    return reason, funnel
+    return FilterOutcome(reason, funnel, duplicate_of, duplicate_groups(duplicate_of), pairs, eps_tables)
+
+
+def _link_duplicates(name: str, rule: DuplicateRule, meta, alive, duplicate_of) -> tuple[np.ndarray, RulePairs]:
+    """The rows `rule` drops, linked in `duplicate_of` (updated in place) to the rows they repeat. Rows that
+    earlier rules linked to a row this rule drops move on to the row that one repeats: links then always
+    name a row still alive, so one step per rule keeps every chain (x → r → k) one link long (x → k)."""
+    found = rule.duplicates(meta, alive)
+    dropped = (found.of >= 0) & alive
+    rows = np.flatnonzero(dropped)
+    targets = found.of[rows]
+    if len(rows) and (targets.max() >= len(alive) or not alive[targets].all() or dropped[targets].any()):
+        raise StageError(
+            f"filter.{name}: {type(rule).__name__}.duplicates linked a dropped row to a row that is not alive or "
+            "that it drops too; expected each dropped row to repeat a row it keeps"
+        )
+    linked = np.flatnonzero(duplicate_of >= 0)
+    moved = linked[dropped[duplicate_of[linked]]]
+    duplicate_of[moved] = found.of[duplicate_of[moved]]
+    duplicate_of[rows] = targets
+    return dropped, RulePairs(name, rule.distance_name, rows, targets, found.distance[rows])
+
+
+def duplicate_groups(duplicate_of: np.ndarray) -> np.ndarray:
+    """Per row, its group (-1: none): a repeated row and the rows that repeat it share an id, numbered 0.. in
+    key order of the repeated rows (rows are in key order). A row that nothing repeats is in no group."""
+    group = np.full(len(duplicate_of), -1, np.int64)
+    linked = duplicate_of >= 0
+    repeated = np.unique(duplicate_of[linked])
+    group[repeated] = np.arange(len(repeated))
+    group[linked] = group[duplicate_of[linked]]
+    return group
 
 
 def filter_samples(cfg: DictConfig | dict) -> dict:
@@ -105,34 +177,49 @@ def _filter_samples(cfg: dict) -> dict:
         return manifest
     rules = build_rules(cfg["filter"])
     columns = sorted({"key", "shard", "error", *(c for _, rule in rules for c in rule.columns)})
-    meta = read_metadata(meta_dir, columns)
-    reason, funnel = apply_rules(meta, rules)
+    # Thumbnails only for the pair grids of duplicate rules, and only when annotate stored them.
+    wants_thumbnails = any(isinstance(rule, DuplicateRule) for _, rule in rules)
+    meta = read_metadata(meta_dir, columns, optional=("thumbnail",) if wants_thumbnails else ())
+    outcome = apply_rules(meta, rules)
+    reason, keys = outcome.reason, meta["key"].astype(str)
     out.makedirs()
     out.remove(MANIFEST)
+    linked = outcome.duplicate_of >= 0
     selection = pa.table(
         {
-            "key": meta["key"].astype(str),
+            "key": keys,
             "shard": meta["shard"].astype(str),
             "keep": pa.array(reason == None),  # noqa: E711  (elementwise on a numpy array)
             "reason": pa.array(reason.tolist(), pa.string()),
+            "duplicate_of": pa.array(np.where(linked, keys[outcome.duplicate_of], None).tolist(), pa.string()),
+            "group": pa.array(outcome.group, pa.int64(), mask=outcome.group < 0),
         }
-    )  # noqa: E711
+    )
+    # The content hash is the selection's alone: the report files are views of it.
     hashes = {SELECTION: out.write_parquet(SELECTION, selection)}
-    table_text = funnel_table(funnel)
-    with out.open_atomic("funnel.txt", "w") as f:
-        f.write(table_text + "\n")
-    chart = funnel_chart(funnel, title=os.path.basename(out.url.rstrip("/")))
-    with out.open_atomic("funnel.png") as f:
-        f.write(chart)
+    report = write_report(out, outcome, meta, title=os.path.basename(out.url.rstrip("/")))
     counts = {
         "rows": len(reason),
         "kept": int((reason == None).sum()),  # noqa: E711
-        "dropped": {s["step"]: s["dropped"] for s in funnel[1:] if s["dropped"]},
+        "dropped": {s["step"]: s["dropped"] for s in outcome.funnel[1:] if s["dropped"]},
     }
     manifest = write_manifest(
-        out, "filter", cfg, counts, hashes, started, identity=identity, input_content_hash=input_hash, funnel=funnel
+        out,
+        "filter",
+        cfg,
+        counts,
+        hashes,
+        started,
+        identity=identity,
+        input_content_hash=input_hash,
+        funnel=outcome.funnel,
+        report={name: hashlib.sha256(data).hexdigest() for name, data in sorted(report.items())},
     )
+    table_text = report["funnel.txt"].decode().rstrip("\n")
     print(f"filter funnel ({meta_dir.url} → {out.url}):\n{table_text}")
+    for rule in outcome.eps_tables:
+        print(f"eps table of {rule} (rows dropped at each eps, over the rows it saw):")
+        print(report[f"eps_{rule}.txt"].decode().rstrip("\n"))
     if cfg.get("tracking", True):
-        log_filter(manifest, chart, table_text)
+        log_filter(manifest, report["funnel.png"], table_text)
     return manifest

@@ -1,0 +1,213 @@
+"""Confirmation of near-duplicate candidates from their thumbnails: one picture, altered, or two pictures?
+
+A candidate pair (a, b) is aligned, then compared. Alignment assumes that one is a crop of the other (a
+resize or a re-encode is the empty crop): a sub-rectangle of a's view, with a margin of up to `max_margin`
+of the side cut from each side, resampled onto b's grid. Its four margins come from matching the column and
+row means (1-D profiles) over a grid of margins, refined by a coordinate descent on the 2-D correlation. Both
+directions (b inside a, a inside b) and the four pairings of the two views (frame, content) are tried; the
+pairing judged is, of those that pass every test (else of all), the one with the smallest local residual.
+
+The comparison tolerates what alterations do and nothing more:
+- luma: Pearson correlation after the alignment, so a brightness and contrast change (gain and offset)
+  costs nothing, within a gain of `max_contrast_change` (grey on white is not black on white made
+  lighter); and the largest residual of a 4×4 grid of blocks, relative to b's contrast, so that a
+  different emblem on the same folder (a local change the global correlation barely sees) is refused;
+- colour: Cb and Cr deviations from grey may scale by a common gain in [0.7, 1.4] (saturation moves with
+  contrast), not change hue: a blue folder is not a green one. Judged by the worst block too, relative to
+  the picture's saturation, so that a small object of another colour on the same background counts;
+- the views' aspect ratios may differ by `max_aspect_change` (a crop changes it a little, a squashed
+  different picture a lot).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from pipeline.thumbnails import Thumbnails
+
+MARGIN_STEP = 0.0125  # of the side: 0.4 px of a 32-px view
+BLOCKS = 4  # the local residual's grid, per side
+CONTRAST_FLOOR = 4.0  # grey levels added to b's contrast, so that flat pictures do not divide by ~0
+GAIN_RANGE = (0.7, 1.4)
+COLOUR_FLOOR = 8.0  # chroma levels added to b's saturation: a grey picture is judged on absolute hue shifts
+REFINE_ROUNDS = 2
+HOPELESS_BELOW = 0.25  # short of min_correlation after the profile fit: no pair of the real-image bench got back
+BIG = np.float32(1e6)
+CHUNK = 2048  # pairs compared at once: memory stays at a few MB per thousand pairs
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    max_margin: float = 0.2
+    min_correlation: float = 0.9
+    max_block_residual: float = 0.6
+    max_colour_residual: float = 0.6
+    max_aspect_change: float = 1.5
+    max_contrast_change: float = 2.0
+    flips: bool = False
+
+
+@dataclass
+class PairScores:
+    correlation: np.ndarray
+    block_residual: np.ndarray
+    colour_residual: np.ndarray
+    contrast_change: np.ndarray
+    aspect_change: np.ndarray
+
+    def accepted(self, tol: Tolerances) -> np.ndarray:
+        return (
+            (self.correlation >= tol.min_correlation)
+            & (self.block_residual <= tol.max_block_residual)
+            & (self.colour_residual <= tol.max_colour_residual)
+            & (self.contrast_change <= tol.max_contrast_change)
+            & (self.aspect_change <= tol.max_aspect_change)
+        )
+
+    @classmethod
+    def concat(cls, parts: list[PairScores]) -> PairScores:
+        if not parts:
+            return cls(*(np.zeros(0, np.float32) for _ in cls.__dataclass_fields__))
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__))
+
+
+def _interpolation(lo: np.ndarray, hi: np.ndarray, n: int) -> np.ndarray:
+    """(..., n, n): rows sample [lo, hi] (normalised) of a length-n signal by linear interpolation."""
+    u = lo[..., None] + (hi - lo)[..., None] * (np.arange(n) + 0.5) / n
+    p = np.clip(u * n - 0.5, 0, n - 1)
+    i0 = np.floor(p).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n - 1)
+    f = p - i0
+    m = np.zeros(u.shape + (n,))
+    np.put_along_axis(m, i0[..., None], (1 - f)[..., None], axis=-1)
+    extra = np.zeros_like(m)
+    np.put_along_axis(extra, i1[..., None], f[..., None], axis=-1)
+    return (m + extra).astype(np.float32)
+
+
+class Matcher:
+    def __init__(self, tol: Tolerances = Tolerances()):
+        self.tol = tol
+        self.margins = np.arange(0, tol.max_margin + 1e-9, MARGIN_STEP)
+        lo, hi = np.meshgrid(self.margins, 1 - self.margins, indexing="ij")
+        self.tables = {n: _interpolation(lo, hi, n) for n in (32, 16)}  # (M, M, n, n) per side length
+
+    # -- alignment ------------------------------------------------------------------------------------
+    def _fit_axis(self, pa: np.ndarray, pb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Margins (lo, hi indexes) of a's profile that best match b's: profiles (P, n)."""
+        table = self.tables[pa.shape[1]]
+        m, n = len(self.margins), pa.shape[1]
+        sampled = (table.reshape(m * m * n, n) @ pa.T).reshape(m * m, n, len(pa))  # one BLAS call for all
+        corr = np.einsum("gip,pi->pg", _standardise(sampled, 1), _standardise(pb, 1)) / n
+        best = corr.argmax(1)
+        return best // m, best % m
+
+    def _warp(self, img: np.ndarray, p: np.ndarray) -> np.ndarray:
+        table = self.tables[img.shape[-1]]
+        wy, wx = table[p[:, 2], p[:, 3]], table[p[:, 0], p[:, 1]]
+        if img.ndim == 4:  # chroma (P, 2, n, n)
+            wy, wx = wy[:, None], wx[:, None]
+        return wy @ img @ np.swapaxes(wx, -1, -2)
+
+    def _initial(self, ya: np.ndarray, yb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(P, 4) margin indexes (x lo, x hi, y lo, y hi) in a's view that map a onto b, from the profiles, and
+        the 2-D correlation they give."""
+        x0, x1 = self._fit_axis(ya.mean(1), yb.mean(1))
+        y0, y1 = self._fit_axis(ya.mean(2), yb.mean(2))
+        p = np.stack([x0, x1, y0, y1], 1)
+        return p, _correlation(self._warp(ya, p), yb)
+
+    def _refine(self, ya: np.ndarray, yb: np.ndarray, p: np.ndarray, best: np.ndarray) -> np.ndarray:
+        """Coordinate descent on the 2-D correlation, one margin step at a time."""
+        last = len(self.margins) - 1
+        for _ in range(REFINE_ROUNDS):
+            for k in range(4):
+                for step in (-1, 1):
+                    q = p.copy()
+                    q[:, k] = np.clip(q[:, k] + step, 0, last)
+                    score = _correlation(self._warp(ya, q), yb)
+                    better = score > best
+                    p[better], best[better] = q[better], score[better]
+        return p
+
+    # -- comparison -----------------------------------------------------------------------------------
+    def _scores(self, ya, ca, yb, cb, p) -> tuple[np.ndarray, ...]:
+        n = len(ya)
+        a, b = self._warp(ya, p).reshape(n, -1), yb.reshape(n, -1)
+        a = a - a.mean(1, keepdims=True)
+        b = b - b.mean(1, keepdims=True)
+        var_a, var_b, cov = (a * a).mean(1), (b * b).mean(1), (a * b).mean(1)
+        correlation = cov / np.sqrt(var_a * var_b + 1e-6)
+        gain = cov / (var_a + 1e-6)
+        side = ya.shape[-1] // BLOCKS
+        residual = (b - gain[:, None] * a).reshape(n, BLOCKS, side, BLOCKS, side)
+        block = np.sqrt((residual**2).mean(axis=(2, 4))).reshape(n, -1).max(1) / (np.sqrt(var_b) + CONTRAST_FLOOR)
+        da, db = self._warp(ca, p).reshape(n, -1) - 128, cb.reshape(n, -1) - 128
+        colour_gain = np.clip((da * db).sum(1) / ((da * da).sum(1) + 1e-6), *GAIN_RANGE)
+        chroma_side = ca.shape[-1] // BLOCKS
+        colour_residual = (db - colour_gain[:, None] * da).reshape(n, 2, BLOCKS, chroma_side, BLOCKS, chroma_side)
+        colour_contrast = np.sqrt((db**2).mean(1))  # deviation from grey: saturated pictures forgive more
+        colour = np.sqrt((colour_residual**2).mean(axis=(1, 3, 5))).reshape(n, -1).max(1) / (
+            colour_contrast + COLOUR_FLOOR
+        )
+        # the luma gain: a picture of grey and white is not one of black and white made lighter
+        contrast = np.where(gain > 0, np.maximum(gain, 1 / np.maximum(gain, 1e-6)), np.inf)
+        return correlation, block, colour, contrast
+
+    def compare(self, a: Thumbnails, b: Thumbnails) -> PairScores:
+        """Scores of pairs (a[i], b[i]), in chunks of CHUNK pairs."""
+        parts = []
+        for start in range(0, len(a), CHUNK):
+            rows = np.arange(start, min(start + CHUNK, len(a)))
+            parts.append(self._compare(_smooth(a.take(rows)), _smooth(b.take(rows))))
+        return PairScores.concat(parts)
+
+    def _compare(self, a: Thumbnails, b: Thumbnails) -> PairScores:
+        hypotheses = []  # (a's luma, a's chroma, b's luma, b's chroma, aspect change): a mapped onto b
+        for flip in (False, True) if self.tol.flips else (False,):
+            la, ca = (a.luma[..., ::-1], a.chroma[..., ::-1]) if flip else (a.luma, a.chroma)
+            for va in (0, 1):
+                for vb in (0, 1):
+                    if va == vb == 1:
+                        continue
+                    aspect = np.maximum(a.aspect[:, va] / b.aspect[:, vb], b.aspect[:, vb] / a.aspect[:, va])
+                    aspect = np.nan_to_num(aspect, nan=np.inf)
+                    views = [np.ascontiguousarray(x) for x in (la[:, va], ca[:, va], b.luma[:, vb], b.chroma[:, vb])]
+                    hypotheses += [(*views, aspect), (*views[2:], *views[:2], aspect)]
+        n = len(a)
+        fields = len(PairScores.__dataclass_fields__)
+        scores = np.full((len(hypotheses), fields, n), np.inf, np.float32)
+        scores[:, 0] = -1
+        for h, (y1, c1, y2, c2, aspect) in enumerate(hypotheses):
+            p, correlation = self._initial(y1, y2)
+            # Pairs far from the bar after the profile fit do not reach it by refinement: skip them.
+            hopeful = np.flatnonzero(correlation >= self.tol.min_correlation - HOPELESS_BELOW)
+            if not len(hopeful):
+                continue
+            y1, c1, y2, c2 = (x[hopeful] for x in (y1, c1, y2, c2))
+            p = self._refine(y1, y2, p[hopeful], correlation[hopeful])
+            scores[h, :-1, hopeful] = np.stack(self._scores(y1, c1, y2, c2, p), 1)
+            scores[h, -1, hopeful] = aspect[hopeful]
+        # The hypothesis judged: of those that pass every test, else of all, the smallest local residual.
+        passes = PairScores(*(scores[:, k] for k in range(fields))).accepted(self.tol)
+        best = np.where(passes, scores[:, 1], scores[:, 1] + BIG).argmin(0)
+        chosen = scores[best, :, np.arange(n)]  # (P, fields)
+        return PairScores(*(chosen[:, k] for k in range(fields)))
+
+
+def _standardise(x: np.ndarray, axis: int) -> np.ndarray:
+    x = x - x.mean(axis, keepdims=True)
+    return x / (np.sqrt((x * x).mean(axis, keepdims=True)) + 1e-6)
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    return (_standardise(a, 1) * _standardise(b, 1)).mean(1)
+
+
+def _smooth(t: Thumbnails) -> Thumbnails:
+    """A one-pixel blur: JPEG blocking and sub-pixel misalignment stop mattering, shapes do not."""
+    return Thumbnails(gaussian_filter(t.luma, (0, 0, 1, 1)), gaussian_filter(t.chroma, (0, 0, 0, 0.5, 0.5)), t.aspect)
