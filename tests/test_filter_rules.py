@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import StageError
-from pipeline.filter.near_duplicates import hashes_to_words, near_duplicate_groups
+from pipeline.filter.near_duplicates import hash_pairs, hashes_to_words, star_groups
 from pipeline.filter.rules import AspectRatio, CaptionLength, ClipScore, ExactDuplicate, ImageSize
 from pipeline.filter.run import apply_rules, build_rules
 
@@ -85,12 +85,19 @@ def _planted(n, dups, seed=0):
     return np.array([bytes(r).hex() for r in h], dtype=object)
 
 
-def test_near_duplicate_groups_lsh_matches_exact_search():
+def test_hash_pairs_lsh_matches_exact_search():
     hashes = _planted(3000, 150)
-    exact = near_duplicate_groups(hashes, 20, exact_below=10**9)
-    lsh = near_duplicate_groups(hashes, 20, exact_below=0)
-    assert len(np.unique(exact)) == 3000 - 150
-    assert (exact[np.arange(150)] == exact[3000 - 1 - np.arange(150)]).all()
-    assert (lsh == exact).all()
+    exact = {tuple(sorted(p)) for p in hash_pairs(hashes, 20, exact_below=10**9).tolist()}
+    lsh = {tuple(sorted(p)) for p in hash_pairs(hashes, 20, exact_below=0).tolist()}
+    assert len(exact) == 150  # the planted copies, each with its original, and nothing else
+    assert exact == {(i, 3000 - 1 - i) for i in range(150)}
+    assert lsh == exact
     words = hashes_to_words(list(hashes[:2]))
     assert words.shape == (2, 3)
+
+
+def test_star_groups_do_not_chain():
+    # 0~1 and 1~2: 2 was confirmed only against 1, so it keeps a row of its own; 3~4 closer than 3~5
+    keeper, distance = star_groups(np.array([[0, 1], [1, 2], [3, 5], [3, 4]]), np.array([0.1, 0.1, 0.3, 0.2]), 6)
+    assert keeper.tolist() == [0, 0, 2, 3, 3, 3]
+    assert distance.tolist() == [0, 0.1, 0, 0, 0.2, 0.3]

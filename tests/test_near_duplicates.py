@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image, ImageEnhance, ImageOps
 
-from pipeline.annotate.signals import ContentHash, DifferenceHash, ImageGeometry, Thumbnail
+from pipeline.annotate.signals import ContentHash, ImageGeometry, PerceptualSignals
 from pipeline.crawl.image import ImageProcessor, ImageSettings
 from pipeline.filter.near_duplicates import hash_pairs
 from pipeline.thumbnails import THUMBNAIL_BYTES, Thumbnails, make_thumbnail, thumbnail_image, view_boxes
@@ -90,7 +90,7 @@ def _signals(datas: list[bytes]) -> dict:
         "original_width": [None] * n,
         "original_height": [None] * n,
     }
-    for signal in (ImageGeometry(), ContentHash(), DifferenceHash(), Thumbnail()):
+    for signal in (ImageGeometry(), ContentHash(), PerceptualSignals()):
         batch = signal(batch)
     return batch
 

@@ -36,7 +36,7 @@ class ShardAnnotator:
 
     def __init__(self, input_url: str):
         self.input = Location(input_url)
-        self.signals = [ImageGeometry(), ContentHash(), DifferenceHash(), Thumbnail(), CaptionStats()]
+        self.signals = [ImageGeometry(), ContentHash(), PerceptualSignals(), CaptionStats()]
 
     def __call__(self, batch: dict):
         for shard in batch["shard"]:
@@ -124,48 +124,31 @@ class ImageGeometry:
         return batch
 
 
-class DifferenceHash:
-    """A 192-bit perceptual hash as 48 hex digits: imagehash's 8×8 difference hash of each YCbCr channel.
-    Luminance alone sees layout but not colour; the two chroma channels tell a red shape from a blue one."""
+class PerceptualSignals:
+    """From one reduced-scale decode of each image:
+    - `dhash`, a 192-bit perceptual hash as 48 hex digits: imagehash's 8×8 difference hash of each YCbCr
+      channel. Luminance alone sees layout but not colour; the two chroma channels tell a red shape from a
+      blue one;
+    - `thumbnail`, two 32-px views of the picture (pipeline/thumbnails.py), so that the filter can confirm
+      near-duplicates and show them without opening an image: THUMBNAIL_BYTES bytes a row."""
 
     def __call__(self, batch: dict) -> dict:
-        hashes, errors = [], list(batch["error"])
+        hashes, thumbnails, errors = [], [], list(batch["error"])
         for i, data in enumerate(batch["image"]):
-            if errors[i] is not None:
-                hashes.append(None)
-                continue
-            try:
-                with Image.open(io.BytesIO(data)) as image:
-                    image.draft("RGB", (64, 64))  # JPEG: decode at reduced scale; the hash only needs 9×8
-                    channels = image.convert("RGB").convert("YCbCr").split()
-                    hashes.append("".join(str(imagehash.dhash(c)) for c in channels))
-            except Exception as err:  # a good header over a broken body: only decoding finds it
-                hashes.append(None)
-                errors[i] = f"unreadable image: {type(err).__name__}: {err}"
-        batch["dhash"] = _column(hashes)
-        batch["error"] = _column(errors)
-        return batch
-
-
-class Thumbnail:
-    """Two 32-px views of the picture (pipeline/thumbnails.py), so that the filter can confirm near-duplicates
-    and show them without opening an image: THUMBNAIL_BYTES bytes a row."""
-
-    def __call__(self, batch: dict) -> dict:
-        thumbnails, errors = [], list(batch["error"])
-        for i, data in enumerate(batch["image"]):
-            if errors[i] is not None:
-                thumbnails.append(None)
-                continue
-            try:
-                with Image.open(io.BytesIO(data)) as image:
-                    image.draft("RGB", (2 * TRIM_SIZE, 2 * TRIM_SIZE))  # JPEG: decode at a reduced scale
-                    thumbnails.append(make_thumbnail(image))
-            except Exception as err:  # a broken body that the hash's reduced decode did not reach
-                thumbnails.append(None)
-                errors[i] = f"unreadable image: {type(err).__name__}: {err}"
-        batch["thumbnail"] = _column(thumbnails)
-        batch["error"] = _column(errors)
+            hash_, thumbnail = None, None
+            if errors[i] is None:
+                try:
+                    with Image.open(io.BytesIO(data)) as image:
+                        image.draft("RGB", (2 * TRIM_SIZE, 2 * TRIM_SIZE))  # JPEG: decode at a reduced scale
+                        rgb = image.convert("RGB")
+                        hash_ = "".join(str(imagehash.dhash(c)) for c in rgb.convert("YCbCr").split())
+                        thumbnail = make_thumbnail(rgb)
+                except Exception as err:  # a good header over a broken body: only decoding finds it
+                    hash_, thumbnail = None, None
+                    errors[i] = f"unreadable image: {type(err).__name__}: {err}"
+            hashes.append(hash_)
+            thumbnails.append(thumbnail)
+        batch["dhash"], batch["thumbnail"], batch["error"] = _column(hashes), _column(thumbnails), _column(errors)
         return batch
 
 

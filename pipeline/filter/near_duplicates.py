@@ -1,17 +1,14 @@
-"""Groups of near-duplicate images from their perceptual hashes (Hamming distance ≤ t).
+"""Near-duplicate pairs from perceptual hashes (Hamming distance ≤ t), and groups from confirmed pairs.
 
 Small sets are compared exhaustively. Large ones use locality-sensitive hashing by bit sampling: each of
 `tables` tables keys a hash by `bits_per_table` of its bits chosen at random (seeded); two hashes d bits
 apart share a key with probability (1 - d/B)^k, so close pairs meet in some table almost surely while far
-pairs almost never do. Every candidate pair is then checked exactly: an edge always means distance ≤ t, and
-groups are the connected components of those edges.
+pairs almost never do. Every candidate pair is then checked exactly: a pair always means distance ≤ t.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 MAX_RUN_OFFSET = 256  # in a table, a row is compared with at most this many rows sharing its key
 
@@ -81,22 +78,6 @@ def hash_pairs(
     copies = np.flatnonzero(first_row[inverse] != np.arange(len(hex_hashes)))
     found.append(np.stack([first_row[inverse[copies]], copies], 1))
     return np.concatenate(found).astype(np.int64)
-
-
-def groups_of(pairs: np.ndarray, n: int) -> np.ndarray:
-    """Connected components of the pairs over n rows: a label per row (a row in no pair is alone)."""
-    graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
-
-
-def near_duplicate_groups(hex_hashes, max_distance: int, **search) -> np.ndarray:
-    """A group label per row by hash distance alone; rows whose hash is null form groups of their own."""
-    hex_hashes = np.asarray(hex_hashes, dtype=object)
-    present = np.flatnonzero([isinstance(h, str) for h in hex_hashes])
-    labels = np.arange(len(hex_hashes)) + len(hex_hashes)  # rows without a hash: alone
-    if len(present):
-        labels[present] = groups_of(hash_pairs(hex_hashes[present], max_distance, **search), len(present))
-    return labels
 
 
 def star_groups(pairs: np.ndarray, distance: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

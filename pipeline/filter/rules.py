@@ -203,8 +203,11 @@ class NearDuplicate(DuplicateRule):
         if len(rows) < 2:
             return Duplicates(np.full(n, -1))
         blobs = meta["thumbnail"][rows]
-        # Identical thumbnails are one picture: compare one representative each.
-        unique, first, inverse = np.unique(blobs.astype(bytes), return_index=True, return_inverse=True)
+        # Identical thumbnails are one picture: compare one representative each, numbered in key order (np.unique
+        # numbers them by bytes) so that the first row of a group stays.
+        _, first, inverse = np.unique(blobs.astype(bytes), return_index=True, return_inverse=True)
+        order = np.argsort(first)
+        first, inverse = first[order], np.argsort(order)[inverse]
         matcher = Matcher(self.tolerances)
         pairs = self.candidates(meta["dhash"][rows][first], blobs[first])
         confirmed = np.zeros(len(pairs), bool)
@@ -215,16 +218,11 @@ class NearDuplicate(DuplicateRule):
             scores = matcher.compare(a, b)
             confirmed[start : start + len(chunk)] = scores.accepted(self.tolerances)
             correlation[start : start + len(chunk)] = scores.correlation
-        # Representatives in key order (np.unique sorted them by bytes), so that the first row of a group stays.
-        by_key = np.argsort(first)
-        position = np.empty_like(by_key)
-        position[by_key] = np.arange(len(by_key))
-        keeper, to_keeper = star_groups(position[pairs[confirmed]], 1 - correlation[confirmed], len(unique))
-        kept_rep = by_key[keeper][position]  # each representative's kept representative
-        kept_row = rows[first[kept_rep[inverse]]]
+        keeper, to_keeper = star_groups(pairs[confirmed], 1 - correlation[confirmed], len(first))
+        kept_row = rows[first[keeper[inverse]]]
         found = Duplicates(np.full(n, -1))
         found.of[rows] = np.where(kept_row != rows, kept_row, -1)
         # A copy of the kept row's own thumbnail is at 0; another picture at the distance of its pair with it.
-        found.distance[rows] = np.where(kept_rep[inverse] == inverse, 0.0, to_keeper[position][inverse])
+        found.distance[rows] = np.where(keeper[inverse] == inverse, 0.0, to_keeper[inverse])
         found.distance[found.of < 0] = np.nan
         return found

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.errors import StageError
 from pipeline.filter.pairs import RulePairs
 from pipeline.filter.report import log_filter, write_report
-from pipeline.filter.rules import DuplicateRule
+from pipeline.filter.rules import DuplicateRule, Duplicates
 from pipeline.lock import output_lock
 from pipeline.options import Option, check_options
 from pipeline.stage import already_complete
@@ -87,7 +87,7 @@ def read_metadata(location: Location, columns: list[str], optional: tuple[str, .
 class FilterOutcome:
     """What the rules decided. Per row: `reason` (the rule that dropped it; None: kept), `duplicate_of` (the
     row it repeats, -1 if no duplicate rule dropped it) and `group` (-1: in none). Per step, the funnel; per
-    duplicate rule, the pairs it found; per rule with an `eps_table`, that table over the rows it saw."""
+    duplicate rule, the pairs it found; per rule whose answer has an `eps_table`, that table over the rows it saw."""
 
     reason: np.ndarray
     funnel: list[dict]
@@ -113,11 +113,12 @@ def apply_rules(meta: dict[str, np.ndarray], rules) -> FilterOutcome:
     pairs, eps_tables = [], {}
     for name, rule in rules:
         alive = reason == None  # noqa: E711 (elementwise)
-        if hasattr(rule, "eps_table"):  # over the rows this rule sees, so its counts match what it drops
-            eps_tables[name] = rule.eps_table(meta, alive)
         if isinstance(rule, DuplicateRule):
-            dropped, found = _link_duplicates(name, rule, meta, alive, duplicate_of)
-            pairs.append(found)
+            found = rule.duplicates(meta, alive)
+            dropped, rule_pairs = _link_duplicates(name, rule, found, alive, duplicate_of)
+            pairs.append(rule_pairs)
+            if hasattr(found, "eps_table"):  # from the same pass, over the rows this rule saw
+                eps_tables[name] = found.eps_table()
         else:
             dropped = rule.drop(meta, alive) & alive
         reason[dropped] = name
@@ -125,11 +126,12 @@ def apply_rules(meta: dict[str, np.ndarray], rules) -> FilterOutcome:
     return FilterOutcome(reason, funnel, duplicate_of, duplicate_groups(duplicate_of), pairs, eps_tables)
 
 
-def _link_duplicates(name: str, rule: DuplicateRule, meta, alive, duplicate_of) -> tuple[np.ndarray, RulePairs]:
-    """The rows `rule` drops, linked in `duplicate_of` (updated in place) to the rows they repeat. Rows that
-    earlier rules linked to a row this rule drops move on to the row that one repeats: links then always
-    name a row still alive, so one step per rule keeps every chain (x → r → k) one link long (x → k)."""
-    found = rule.duplicates(meta, alive)
+def _link_duplicates(
+    name: str, rule: DuplicateRule, found: Duplicates, alive, duplicate_of
+) -> tuple[np.ndarray, RulePairs]:
+    """The rows `rule` drops (`found`), linked in `duplicate_of` (updated in place) to the rows they repeat.
+    Rows that earlier rules linked to a row this rule drops move on to the row that one repeats: links then
+    always name a row still alive, so one step per rule keeps every chain (x → r → k) one link long (x → k)."""
     dropped = (found.of >= 0) & alive
     rows = np.flatnonzero(dropped)
     targets = found.of[rows]

@@ -25,6 +25,25 @@ EPS_VALUES = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 KEEP_ORDERS = ("centroid", "far", "score")
 
 
+class RankedDuplicates(Duplicates):
+    """SemDeDup's answer, with what its eps table needs: each row's highest similarity to a row ranked before
+    it in its cluster (`earliest`; -inf for rows it did not judge) and the rows it was asked about."""
+
+    def __init__(self, of, distance, earliest: np.ndarray, asked: int):
+        super().__init__(of, distance)
+        self.earliest, self.asked = earliest, asked
+
+    def eps_table(self, eps_values=EPS_VALUES) -> list[dict]:
+        """For each eps: rows dropped at that threshold and the fraction of the rows asked about kept — from
+        the one clustering and pass that made this answer."""
+        table = []
+        for eps in eps_values:
+            dropped = int(np.count_nonzero(self.earliest > 1 - eps))
+            kept = (self.asked - dropped) / self.asked if self.asked else 1.0
+            table.append({"eps": eps, "dropped": dropped, "kept_fraction": kept})
+        return table
+
+
 class SemanticDuplicate(DuplicateRule):
     """Rows whose image embeddings have cosine similarity above 1 - `eps` to a row ranked before them in the
     same k-means cluster (`clusters`; null: about sqrt(rows)). `keep` orders each cluster: "centroid",
@@ -56,14 +75,16 @@ class SemanticDuplicate(DuplicateRule):
         self.iterations, self.seed, self.max_cluster = iterations, seed, max_cluster
         self.columns = ("image_embedding", "clip_score") if keep == "score" else ("image_embedding",)
 
-    def duplicates(self, meta, alive):
+    def duplicates(self, meta, alive) -> RankedDuplicates:
         n = len(alive)
         of, distance = np.full(n, -1, np.int64), np.full(n, np.nan)
+        earliest = np.full(n, -np.inf, np.float32)  # each row's highest similarity to a row ranked before it
         rows, unit, bounds = self._ranked_clusters(meta, alive)
         threshold = 1 - self.eps
         for start, stop in bounds:
             x = unit[start:stop]  # (m, d), in keep order
             best, earlier = most_similar_earlier(x, self.max_cluster)
+            earliest[rows[start:stop]] = best
             dropped = best > threshold
             if not dropped.any():
                 continue
@@ -72,22 +93,11 @@ class SemanticDuplicate(DuplicateRule):
             of[rows[start:stop][lost]] = rows[start:stop][target[lost]]
             cosine = np.einsum("ij,ij->i", x[lost], x[target[lost]])
             distance[rows[start:stop][lost]] = np.clip(1 - cosine.astype(np.float64), 0, 2)
-        return Duplicates(of, distance)
+        return RankedDuplicates(of, distance, earliest, int(np.count_nonzero(alive)))
 
     def eps_table(self, meta, alive, eps_values=EPS_VALUES) -> list[dict]:
-        """For each eps: rows this rule would drop and the fraction of `alive` it would keep, from one
-        clustering and one pass (each row's highest similarity to a row ranked before it)."""
-        _, unit, bounds = self._ranked_clusters(meta, alive)
-        best = np.concatenate(
-            [np.full(0, -np.inf, np.float32)]
-            + [most_similar_earlier(unit[start:stop], self.max_cluster)[0] for start, stop in bounds]
-        )
-        total = int(np.count_nonzero(alive))
-        table = []
-        for eps in eps_values:
-            dropped = int(np.count_nonzero(best > 1 - eps))
-            table.append({"eps": eps, "dropped": dropped, "kept_fraction": (total - dropped) / total if total else 1.0})
-        return table
+        """For each eps: rows this rule would drop and the fraction of `alive` it would keep."""
+        return self.duplicates(meta, alive).eps_table(eps_values)
 
     def _ranked_clusters(self, meta, alive) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
         """The alive rows that have an embedding, grouped by cluster and in keep order within each;
