@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from training.tracking import mlflow_run, sweep_parent_run
+from training.tracking import sweep_parent_run, tracked_run
 
 
 def per_class_table(classnames: list[str], result: dict) -> dict[str, list]:
@@ -63,23 +63,22 @@ def model_tags(model: str, role: str = "model") -> dict[str, str]:
     return tags
 
 
-def log_evaluation(record: dict, config: dict, tables: dict, figures: dict, tags: dict) -> str:
-    """One MLflow run in the task's experiment (a child of the sweep's run in a Hydra multirun)."""
+def log_evaluation(record: dict, config: dict, tables: dict, figures: dict, tags: dict, output: str) -> str | None:
+    """One MLflow run in the task's experiment (a child of the sweep's run in a Hydra multirun), journaled
+    beside `output` (the results file); returns its id (None while the server is away)."""
     task = record["task"]
     name = f"{task} {record['dataset']}"
-    with mlflow_run(
-        name, config=config, tags={**tags, "pixelmill.task": task}, parent_run_id=sweep_parent_run(task), task=task
-    ) as run:
-        import mlflow  # configured by mlflow_run
-
-        mlflow.log_metrics({k: v for k, v in record["metrics"].items() if not math.isnan(v)})
-        mlflow.log_metric("samples", record["samples"])
+    folder = os.path.dirname(os.path.abspath(output))
+    tags = {**tags, "pixelmill.task": task}
+    with tracked_run(name, folder, config=config, tags=tags, parent_run_id=sweep_parent_run(task), task=task) as run:
+        run.log_metrics({k: v for k, v in record["metrics"].items() if not math.isnan(v)})
+        run.log_metric("samples", record["samples"])
         for artifact, table in tables.items():
-            mlflow.log_table(table, artifact_file=artifact)
+            run.log_table(table, artifact_file=artifact)
         for artifact, figure in figures.items():
-            mlflow.log_figure(figure, artifact)
-        mlflow.log_dict(record, "results.json")
-        return run.info.run_id
+            run.log_figure(figure, artifact)
+        run.log_dict(record, "results.json")
+        return run.run_id
 
 
 def print_summary(record: dict, output: str) -> None:

@@ -35,8 +35,13 @@ class SweepChart(Callback):
         self.metrics, self.task = tuple(metrics), task
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        from training.tracking import SWEEP_TAG, experiment_name, setup_mlflow
+        from training.tracking import SWEEP_TAG, experiment_name, setup_mlflow, tracking_uri
+        from training.tracking.journaled import TrackedRun
+        from training.tracking.probe import unreachable
 
+        if reason := unreachable(tracking_uri()):  # the chart is read from the jobs' runs: it needs the server
+            print(f"warning: no sweep chart: MLflow at {tracking_uri()} is not answering ({reason})")
+            return
         mlflow = setup_mlflow(self.task)
         client = mlflow.MlflowClient()
         experiment = mlflow.get_experiment_by_name(experiment_name(self.task))
@@ -53,8 +58,10 @@ class SweepChart(Callback):
         key = keys[0]
         jobs = sorted(jobs, key=lambda j: (isinstance(_number(j.data.params[key]), str), _number(j.data.params[key])))
         table = {key: [j.data.params[key] for j in jobs], **{n: [j.data.metrics.get(n) for j in jobs] for n in names}}
-        client.log_dict(parent, table, "sweep.json")  # {swept key: values, metric: values, …}
-        client.log_figure(parent, self.figure(key, table, names), "sweep.png")
+        run = TrackedRun.start("sweep", sweep, experiment_name(self.task), run_id=parent)
+        run.log_dict(table, "sweep.json")  # {swept key: values, metric: values, …}
+        run.log_figure(self.figure(key, table, names), "sweep.png")
+        run.close("FINISHED")
         print(f"\nsweep over {key} ({len(jobs)} jobs): chart and table on MLflow run {parent}")
         for i, value in enumerate(table[key]):
             print(f"  {key}={value}: " + ", ".join(f"{n} {table[n][i]:.4f}" for n in names if table[n][i] is not None))

@@ -22,7 +22,7 @@ import time
 import uuid
 from contextlib import contextmanager
 
-from pipeline.errors import StageError
+from pipeline.errors import DiskFullError, StageError
 from pipeline.storage import LOCK, Location
 
 HEARTBEAT_S = 30.0
@@ -167,8 +167,11 @@ class OutputLock:
             holder = self._read()
             if holder is None or holder.get("token") != self.record["token"]:
                 return  # taken over (we looked dead): the new holder owns the file now
-            with self.out.open_atomic(LOCK) as f:
-                f.write(self._payload())
+            try:
+                with self.out.open_atomic(LOCK) as f:
+                    f.write(self._payload())
+            except DiskFullError:
+                continue  # the last heartbeat stays in place; the run's own write reports the full disk
 
 
 @contextmanager

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
+
+from pipeline.errors import StageError  # a UserError: every user error is one
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -18,7 +21,8 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 def quiet_ray_data() -> None:
     """Stages show their own bar in units users count (URLs, samples) and their own summary; Ray Data's
-    per-operator bars and INFO lines add noise. Its warnings and errors still show."""
+    per-operator bars and INFO lines add noise. Its warnings and errors still show, but for a user error's
+    traceback."""
     import logging
 
     from ray.data import DataContext
@@ -27,6 +31,27 @@ def quiet_ray_data() -> None:
     context = DataContext.get_current()
     context.print_on_execution_start = False
     context.enable_progress_bars = False
+    # A worker's own exception, not Ray Data's UserCodeException (which drops it): a DiskFullError or a
+    # StageError raised on a worker then reaches `run_command` and ends the run in its one line, which Ray
+    # Data's own report of it (with the traceback) would bury.
+    context.raise_original_map_exception = True
+    for name in REPORTS_OF_FAILED_MAPS:
+        reports = logging.getLogger(name)
+        if not any(isinstance(f, _UserErrorRecords) for f in reports.filters):
+            reports.addFilter(_UserErrorRecords())
+
+
+# Ray Data's modules that log a worker's exception (and its traceback) before raising it on the driver.
+REPORTS_OF_FAILED_MAPS = ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state")
+
+
+class _UserErrorRecords:
+    """Drops the records logged about a UserError (it is their exception, or the one being handled as they are
+    logged): `run_command` prints it in one line."""
+
+    def filter(self, record) -> bool:
+        error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return not isinstance(error, StageError)
 
 
 def actor_count(requested: int | None, items: int) -> int:

@@ -51,7 +51,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
         if config.get("sweep_model"):
             train_and_evaluate(config["sweep_model"], shards_dir, f"{output}/models/{name}")
         return manifest
-    from training.tracking import mlflow_run, setup_mlflow, sweep_parent_run
+    from training.tracking import sweep_parent_run, tracked_run
 
     parent = sweep_parent_run()
     tags = {
@@ -59,15 +59,14 @@ def run_pipeline(cfg: DictConfig) -> dict:
         "data.crawl_hash": crawl_manifest["content_hash"],
         "data.meta_hash": meta_manifest["content_hash"],
     }
-    with mlflow_run(f"pipeline {name}", config=config, tags=tags, parent_run_id=parent):
-        mlflow = setup_mlflow()
+    with tracked_run(f"pipeline {name}", output, config=config, tags=tags, parent_run_id=parent) as run:
         filter_manifest = filter_samples(filter_cfg)
         selection = Location(selection_dir)  # local or object storage, as every stage output
         with selection.fs.open(selection.path("funnel.png"), "rb") as png:
             with selection.fs.open(selection.path("funnel.txt"), "r") as txt:
                 log_filter(filter_manifest, png.read(), txt.read())
         shard_manifest = shard(shard_cfg)
-        mlflow.log_metrics(
+        run.log_metrics(
             {
                 "crawl.images": crawl_manifest["counts"]["success"],
                 "annotate.samples": meta_manifest["counts"]["samples"],
@@ -75,10 +74,10 @@ def run_pipeline(cfg: DictConfig) -> dict:
                 "shard.shards": shard_manifest["counts"]["shards"],
             }
         )
-        mlflow.set_tags({"data.shards_hash": shard_manifest["content_hash"], "data.shards_path": shards_dir})
-        mlflow.log_dict(shard_manifest, "shard/manifest.json")
+        run.set_tags({"data.shards_hash": shard_manifest["content_hash"], "data.shards_path": shards_dir})
+        run.log_dict(shard_manifest, "shard/manifest.json")
         if config.get("sweep_model"):
-            mlflow.log_metrics(train_and_evaluate(config["sweep_model"], shards_dir, f"{output}/models/{name}"))
+            run.log_metrics(train_and_evaluate(config["sweep_model"], shards_dir, f"{output}/models/{name}"))
     return shard_manifest
 
 

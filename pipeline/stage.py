@@ -5,17 +5,26 @@ Resume layout, the same for every stage: `{output}/_work/plan.json` (the run's i
 written after the stage's own plan files under `_work/`) and `{output}/_work/done/{unit}.json` (what a unit
 returned, written atomically after the unit's own output). A killed run of the same identity is rerun with
 the units that have no done record; a done record therefore means a whole unit, and nothing else does.
+
+A Ray worker that dies mid-unit (killed, out of memory) does not end the run: Ray Data starts the actor again
+and reruns the unit's task on it (its actor pools default to `max_restarts=-1, max_task_retries=-1`), and the
+unit's output is rewritten whole, as after a resume. Each unit notes its attempts in
+`_work/attempts/{unit}.json` as it starts (with the pass it belongs to and the worker's pid), so the summary
+says which units ran again, and a unit that kills every worker it meets ends the run instead of looping.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.errors import StageError
 from pipeline.lock import output_lock
 from pipeline.ray_setup import actor_count, init_ray, quiet_ray_data
 from pipeline.storage import MANIFEST, Location, claim_output, write_manifest
@@ -23,17 +32,25 @@ from pipeline.storage import MANIFEST, Location, claim_output, write_manifest
 WORK = "_work"
 PLAN = f"{WORK}/plan.json"
 DONE = f"{WORK}/done"
+ATTEMPTS = f"{WORK}/attempts"
+# Attempts at one unit in one pass. Ray Data would retry a unit whose worker died forever (and its
+# `max_task_retries` can only be set through `ray_remote_args`, deprecated in Ray 2.60), so the unit's own
+# attempt note stops it: one that kills every worker it meets (out of memory on one input) ends the run in
+# one line, and a rerun resumes with the units that were done.
+MAX_ATTEMPTS = 4
 
 
 @dataclass
 class Run:
     """What the driver hands back to the stage: the plan record, every unit's done record (plan order), the
-    records this run produced in each pass, and the seconds spent mapping."""
+    records this run produced in each pass, the units Ray ran again after a worker died in them (with their
+    attempts), and the seconds spent mapping."""
 
     plan: dict
     done: dict[str, dict] = field(default_factory=dict)
     fresh: dict[str, dict] = field(default_factory=dict)
     again: dict[str, dict] = field(default_factory=dict)
+    worker_retries: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -79,7 +96,8 @@ class Stage:
         """(Ray resources per actor, number of actors or None for `processes`, else one per CPU Ray offers)."""
         return {"num_cpus": 1}, None
 
-    map = None  # or a method `map(units, bar)` yielding (unit, record) on the driver
+    map = None  # or a method `map(units, bar, attempts)` yielding (unit, record) on the driver; its workers call
+    # `note_attempt(output, unit, attempts)` as each unit starts
 
     def retry_units(self, run: Run) -> list[str]:
         """Units to run a second time, with `worker(retry=True)`, after every unit is done."""
@@ -116,16 +134,45 @@ def record_done(out: Location, unit: str, record: dict) -> dict:
     return record
 
 
+def note_attempt(out: Location, unit: str, attempts: str) -> int:
+    """Note that `unit` starts in the pass named `attempts`, on this worker; returns which attempt this is. Only
+    a worker that died mid-unit makes a second one in the same pass (Ray ran the unit again)."""
+    name = f"{ATTEMPTS}/{unit}.json"
+    previous = out.read_json(name) if out.exists(name) else {}
+    attempt = previous["attempt"] + 1 if previous.get("pass") == attempts else 1
+    if attempt > MAX_ATTEMPTS:  # an exception of the unit's own: Ray does not retry it, the run ends here
+        raise StageError(
+            f"unit {unit} of {out.url}: its worker died {attempt - 1} times while running it (out of memory? "
+            f"killed?); giving up after {MAX_ATTEMPTS} attempts. A rerun resumes with the units that are done"
+        )
+    out.write_json(name, {"pass": attempts, "attempt": attempt, "pid": os.getpid(), "host": socket.gethostname()})
+    return attempt
+
+
+def worker_retries(out: Location, units, attempts: str) -> dict[str, int]:
+    """unit → attempts, for the units of the pass `attempts` that ran more than once."""
+    retried = {}
+    for unit in units:
+        name = f"{ATTEMPTS}/{unit}.json"
+        noted = out.read_json(name) if out.exists(name) else {}
+        if noted.get("pass") == attempts and noted["attempt"] > 1:
+            retried[unit] = noted["attempt"]
+    return retried
+
+
 class UnitActor:
     """Ray Data callable class around a stage's worker: each call runs one unit, then records it as done on
     the worker itself, so that a driver killed later never makes a finished unit run again."""
 
-    def __init__(self, worker_class: type, worker_kwargs: dict, output_url: str):
+    def __init__(self, worker_class: type, worker_kwargs: dict, output_url: str, attempts: str):
         self.worker = worker_class(**worker_kwargs)
-        self.output = Location(output_url)
+        self.output, self.attempts = Location(output_url), attempts
 
     def __call__(self, batch: dict) -> dict:
-        records = [json.dumps(record_done(self.output, str(u), self.worker(str(u)))) for u in batch["unit"]]
+        records = []
+        for unit in map(str, batch["unit"]):
+            note_attempt(self.output, unit, self.attempts)
+            records.append(json.dumps(record_done(self.output, unit, self.worker(unit))))
         return {"unit": np.asarray(batch["unit"]), "record": np.asarray(records)}
 
 
@@ -142,14 +189,14 @@ def _claim(stage: Stage) -> dict:
     return record
 
 
-def _map(stage: Stage, units: list[str], retry: bool, local: bool, bar):
+def _map(stage: Stage, units: list[str], retry: bool, local: bool, bar, attempts: str):
     """Yield (unit, record) as units finish; their done records are written by then."""
     if stage.map is not None:
-        for unit, record in stage.map(units, bar):
+        for unit, record in stage.map(units, bar, attempts):
             yield unit, record_done(stage.output, unit, record)
         return
     if local:  # in this process, one unit after another: the same actor code, without Ray
-        actor = UnitActor(*stage.worker(retry), stage.output.url)
+        actor = UnitActor(*stage.worker(retry), stage.output.url, attempts)
         for unit in units:
             yield unit, json.loads(actor({"unit": [unit]})["record"][0])
         return
@@ -161,7 +208,12 @@ def _map(stage: Stage, units: list[str], retry: bool, local: bool, bar):
     resources, actors = stage.resources()
     dataset = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units)).map_batches(
         UnitActor,
-        fn_constructor_kwargs={"worker_class": worker_class, "worker_kwargs": kwargs, "output_url": stage.output.url},
+        fn_constructor_kwargs={
+            "worker_class": worker_class,
+            "worker_kwargs": kwargs,
+            "output_url": stage.output.url,
+            "attempts": attempts,
+        },
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=actor_count(actors or stage.cfg.get("processes"), len(units))),
         **resources,
@@ -175,12 +227,19 @@ def _pass(stage: Stage, run: Run, units: list[str], retry: bool, local: bool) ->
     if not units:
         return results
     stage.output.remove(MANIFEST)  # the output is changing: it is no longer the finished one
+    stage.output.makedirs(ATTEMPTS)
+    # Names this pass in the attempt notes: a unit noted twice under it was run twice by this pass.
+    attempts = f"{os.getpid()}-{time.time_ns()}-{'retry' if retry else 'first'}"
     progress = bool(stage.cfg.get("progress", True))
     with tqdm(**stage.bar(run, units, retry), disable=not progress, smoothing=0) as bar:
-        for unit, record in _map(stage, units, retry, local, bar):
+        for unit, record in _map(stage, units, retry, local, bar, attempts):
             results[unit] = record
             if stage.map is None:
                 stage.advance(bar, record)
+    retried = worker_retries(stage.output, units, attempts)
+    if retried:  # every unit is done: no writer is left, and a dead one's half-written files can go
+        stage.output.remove_temporaries()
+    run.worker_retries.update(retried)
     return results
 
 
@@ -219,10 +278,20 @@ def _drive(stage: Stage, local: bool) -> dict:
         finished.file_hashes,
         started,
         identity=stage.identity,
+        units_retried_after_worker_death=run.worker_retries,
         **finished.extra,
     )
     if not stage.keep_work:
         out.remove(WORK)  # after the manifest: a rerun finds the manifest and does nothing
-    if finished.summary:
-        print(finished.summary)
+    summary = "\n".join(filter(None, [finished.summary, retries_line(run.worker_retries)]))
+    if summary:
+        print(summary)
     return manifest
+
+
+def retries_line(retried: dict[str, int]) -> str:
+    """The summary's line about units that Ray ran again after their worker died ("" when none)."""
+    if not retried:
+        return ""
+    units = ", ".join(f"{u} ({n} attempts)" if n > 2 else u for u, n in sorted(retried.items()))
+    return f"  retried {len(retried)} unit(s) after a worker died: {units}"

@@ -17,7 +17,7 @@ from importlib import metadata
 
 import fsspec
 
-from pipeline.errors import StageError
+from pipeline.errors import StageError, disk_full, is_disk_full
 
 MANIFEST = "manifest.json"
 LOCK = "_lock.json"  # held by `pipeline.lock.output_lock` while a run writes the folder
@@ -51,17 +51,39 @@ class Location:
         if self.fs.exists(self.path(name)):
             self.fs.rm(self.path(name), recursive=True)
 
+    def url_of(self, name: str) -> str:
+        """`name` as the user wrote the location (what messages show)."""
+        return f"{self.url}/{name}"
+
     @contextmanager
-    def open_atomic(self, name: str, mode: str = "wb"):
-        """Write under a temporary name, then rename: readers see the old file or the whole new one."""
+    def open_atomic(self, name: str, mode: str = "wb", size: int | None = None):
+        """Write under a temporary name, then rename: readers see the old file or the whole new one. A full
+        disk removes the partial file and raises a DiskFullError naming `name`, the bytes it needs (`size`
+        when the caller knows it, else at least what had landed) and the space left."""
         tmp = f"{name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             with self.fs.open(self.path(tmp), mode) as f:
                 yield f
             self.fs.mv(self.path(tmp), self.path(name))
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            landed = self._size(tmp)
+            self._discard(tmp)  # before measuring: the space it held is free again
+            needed = max(size or 0, landed)
+            raise disk_full(self.url_of(name), err, needed, at_least=size is None) from err
         finally:
-            if self.fs.exists(self.path(tmp)):
-                self.fs.rm(self.path(tmp))
+            self._discard(tmp)
+
+    def _size(self, name: str) -> int:
+        try:
+            return int(self.fs.size(self.path(name)) or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _discard(self, name: str) -> None:
+        if self.fs.exists(self.path(name)):
+            self.fs.rm(self.path(name))
 
     def write_parquet(self, name: str, table) -> str:
         """Write a pyarrow table atomically; returns the file's sha256 (taken from the buffer, not re-read)."""
@@ -71,7 +93,7 @@ class Location:
 
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
-        with self.open_atomic(name) as f:
+        with self.open_atomic(name, size=buffer.tell()) as f:
             f.write(buffer.getvalue())
         return hashlib.sha256(buffer.getvalue()).hexdigest()
 
@@ -80,8 +102,9 @@ class Location:
             return json.load(f)
 
     def write_json(self, name: str, obj) -> None:
-        with self.open_atomic(name, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        text = json.dumps(obj, indent=2, sort_keys=True, default=str)
+        with self.open_atomic(name, "w", size=len(text.encode())) as f:
+            f.write(text)
 
     def remove_temporaries(self) -> int:
         """Leftovers of writers that were killed, at any depth: they were never visible under a final name.

@@ -12,6 +12,7 @@ import io
 import tarfile
 import tempfile
 
+from pipeline.errors import DiskFullError, disk_full, is_disk_full
 from pipeline.storage import Location
 
 
@@ -40,10 +41,12 @@ def tar_index(fileobj) -> list[tuple[str, str, int, int]]:
 
 class TarSampleWriter:
     """Streams samples into `name` under a temporary name (memory stays flat); `close()` renames it into
-    place and returns its sha256, taken while writing."""
+    place and returns its sha256, taken while writing. `size` (the tar's bytes, see `tar_size`) or `samples`
+    (how many will be added) let a full disk's message say how much space the whole tar needs."""
 
-    def __init__(self, location: Location, name: str):
-        self._cm = location.open_atomic(name)
+    def __init__(self, location: Location, name: str, size: int | None = None, samples: int | None = None):
+        self.location, self.name, self.size, self.expected = location, name, size, samples
+        self._cm = location.open_atomic(name, size=size)
         self._file = HashingWriter(self._cm.__enter__())
         # Plain tarfile, not webdataset.TarWriter: that import pulls in torch, a second and ~300 MB per worker.
         self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT)
@@ -51,24 +54,56 @@ class TarSampleWriter:
 
     def add(self, sample: dict) -> None:
         key = sample["__key__"]
-        for ext, data in sample.items():
-            if ext == "__key__":
-                continue
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o444
-            self._tar.addfile(info, io.BytesIO(data))
+        try:
+            for ext, data in sample.items():
+                if ext == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                self._tar.addfile(info, io.BytesIO(data))
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            raise self._disk_full(err) from err
         self.samples += 1
 
     def close(self) -> str:
-        self._tar.close()
+        try:
+            self._tar.close()
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            raise self._disk_full(err) from err
         self._cm.__exit__(None, None, None)
         return self._file.hexdigest()
 
     def abort(self) -> None:
+        """Drop the temporary file; also after a full disk, when writing the tar's end would fail again."""
+        self._file.discard()  # the end-of-archive blocks that close() writes go nowhere
         try:
             self._tar.close()
         finally:
-            self._cm.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            try:
+                self._cm.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            except DiskFullError:
+                pass  # buffered bytes that no longer fit: the file is removed all the same
+
+    def _disk_full(self, err: OSError) -> DiskFullError:
+        """Abort, then name the tar with the space it needs: exact when `size` is known, else extrapolated
+        from the bytes per sample so far to `samples`, else at least the bytes written so far."""
+        self.abort()
+        written, needed = self._file.bytes, self.size
+        if needed is None and self.expected and self.samples:
+            needed = max(written, written * self.expected // self.samples)
+        at_least = needed is None
+        return disk_full(self.location.url_of(self.name), err, needed or written, at_least=at_least)
+
+
+def tar_size(samples: list[dict]) -> int:
+    """The bytes TarSampleWriter writes for `samples`: a 512-byte header and 512-byte blocks per member, two
+    zero blocks, padded to tarfile's 10 kB records."""
+    members = sum(512 + -(-len(v) // 512) * 512 for s in samples for k, v in s.items() if k != "__key__")
+    return -(-(members + 1024) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
 class OrderedSampleWriter:
@@ -144,15 +179,22 @@ class OrderedSampleWriter:
 
 
 class HashingWriter:
-    """A write-only file that hashes what passes through it."""
+    """A write-only file that hashes and counts what passes through it; after `discard()` it drops it."""
 
     def __init__(self, file):
         self.file = file
         self.digest = hashlib.sha256()
+        self.bytes = 0
 
     def write(self, data: bytes) -> int:
+        if self.file is None:
+            return len(data)
         self.digest.update(data)
+        self.bytes += len(data)
         return self.file.write(data)
+
+    def discard(self) -> None:
+        self.file = None
 
     def hexdigest(self) -> str:
         return self.digest.hexdigest()

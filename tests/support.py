@@ -79,6 +79,17 @@ class RandomnessProbe(pl.Callback):
             json.dump({"weights": weights, **draws}, f)
 
 
+class StepDelay(pl.Callback):
+    """Each training step takes at least `seconds` (`+callbacks.delay._target_=support.StepDelay`, tests/ on
+    PYTHONPATH): a run long enough for a test to act in the middle of it, however fast the machine."""
+
+    def __init__(self, seconds: float):
+        self.seconds = float(seconds)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        time.sleep(self.seconds)
+
+
 # pipeline.run as a test runs it on the world: loopback allowed, small images, quick retries, no bars.
 PIPELINE_RUN = [
     "crawl.allow_networks=[127.0.0.1/32]",
@@ -177,12 +188,15 @@ def checkpoint_step(path: Path) -> int:
     return torch.load(path, weights_only=False)["global_step"] if path.exists() else -1
 
 
-@contextmanager
-def mlflow_server(folder: Path):
-    """A real `mlflow server` on 127.0.0.1 (sqlite store and artifacts under `folder`); yields its URI."""
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:`port` (sqlite store and artifacts under `folder`), once it
+    answers. Started again on the same folder and port, it is the same server after a restart."""
     server = subprocess.Popen(
         [
             sys.executable,
@@ -205,16 +219,30 @@ def mlflow_server(folder: Path):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    deadline = time.time() + 90
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                stop_mlflow_server(server)
+                raise AssertionError("mlflow server did not start") from None
+            time.sleep(0.5)
+
+
+def stop_mlflow_server(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, 9)
+    server.wait(timeout=30)
+
+
+@contextmanager
+def mlflow_server(folder: Path):
+    """A real `mlflow server` on 127.0.0.1 (sqlite store and artifacts under `folder`); yields its URI."""
+    port = free_port()
+    server = start_mlflow_server(folder, port)
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
         yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(server.pid, 9)
-        server.wait(timeout=30)
+        stop_mlflow_server(server)

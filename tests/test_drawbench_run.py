@@ -136,7 +136,7 @@ def test_mlflow_holds_metrics_per_category_the_table_and_the_grids(official_run)
     assert {"drawbench_table.json", "report.html", "results.json", "grids"} <= artifacts
     grids = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "grids")}
     assert len(grids) == 11
-    table = mlflow.load_table("drawbench_table.json", run_ids=[run.info.run_id])
+    table = mlflow.MlflowClient().load_table(experiment.experiment_id, "drawbench_table.json", [run.info.run_id])
     assert len(table) == 200 and {"prompt", "category", "seed", "image", "clip_score", "win"} <= set(table.columns)
     assert run.data.tags["pixelmill.model"] == record["model"] and "pixelmill.baseline" in run.data.tags
 

@@ -242,13 +242,12 @@ def test_filter_writes_links_pair_grids_and_eps_table_and_logs_them(tmp_path, mo
 
     import mlflow
 
-    runs = mlflow.search_runs(experiment_names=["pixelmill"])
-    assert len(runs) == 1
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(runs["run_id"][0], "filter")}
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("pixelmill").experiment_id])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "filter")}
     assert {f"filter/{name}" for name in manifest["report"]} <= artifacts
-    logged = mlflow.artifacts.download_artifacts(
-        run_id=runs["run_id"][0], artifact_path="filter/eps_semantic_duplicate.json", dst_path=str(tmp_path / "dl")
-    )
+    assert run.info.status == "FINISHED" and not (out / "mlflow_journal").exists()  # all sent, journal gone
+    logged = client.download_artifacts(run.info.run_id, "filter/eps_semantic_duplicate.json", str(tmp_path / "dl"))
     logged = json.loads(open(logged).read())
     assert logged["columns"] == ["eps", "dropped", "kept_fraction"]
     assert [row[1] for row in logged["data"]] == [r["dropped"] for r in expected]

@@ -1,34 +1,114 @@
-"""Errors a user can fix: every command prints them as one line and exits with status 2."""
+"""Errors a user can fix: every command prints them as one line and exits with status 2.
+
+A full disk (or quota) is one of them, wherever it happens (a stage's shard, a Ray worker's write, a training
+checkpoint): `DiskFullError` names the file, the space it needs and the space left, and `run_command` turns any
+ENOSPC/EDQUOT that reaches it into one, so pipeline and training report it the same way."""
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import sys
 
 from training.quiet import quiet
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# Writers in C++ and Rust (torch's zip writer, safetensors) report the errno only in their message's text.
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "StorageFull", "os error 28")
 
 
 class UserError(ValueError):
     """Bad input or configuration: the message names the bad thing and what was expected."""
 
 
+class DiskFullError(UserError):
+    """A write that found no space: `path` (the final name, never a temporary one), `needed` bytes (an
+    estimate, or a lower bound when `at_least`), `free` bytes on its filesystem once the partial file is gone."""
+
+    def __init__(self, path: str, needed: int | None = None, free: int | None = None, quota: bool = False,
+                 at_least: bool = False):  # fmt: skip
+        self.path, self.needed, self.free, self.quota, self.at_least = str(path), needed, free, quota, at_least
+        super().__init__(str(self))
+
+    def __reduce__(self):  # Ray pickles it from a worker to the driver: keep the fields, not the message
+        return type(self), (self.path, self.needed, self.free, self.quota, self.at_least)
+
+    def __str__(self) -> str:
+        what = "disk quota exceeded" if self.quota else "no space left on device"
+        sizes = []
+        if self.needed:
+            sizes.append(f"needs {'at least ' if self.at_least else '~'}{megabytes(self.needed)}")
+        if self.free is not None and not self.quota:  # disk_usage knows nothing of quotas
+            sizes.append(f"{megabytes(self.free)} free")
+        detail = f" ({', '.join(sizes)})" if sizes else ""
+        return f"{what} writing {self.path}{detail}; free space and run the same command again to resume"
+
+
+def is_disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS
+
+
+def disk_full(path: str, err: BaseException | None = None, needed: int | None = None, at_least: bool = False):
+    """The DiskFullError for a failed write to `path` (a local path or an fsspec URL): free space is measured
+    now, so call it after removing the partial file."""
+    quota = getattr(err, "errno", None) == errno.EDQUOT
+    return DiskFullError(path, needed or None, free_bytes(path), quota, at_least)
+
+
+def free_bytes(path: str) -> int | None:
+    """Free bytes on the filesystem holding `path` (or its nearest existing parent); None for object stores."""
+    if "://" in str(path) and not str(path).startswith("file://"):
+        return None
+    folder = os.path.abspath(str(path).removeprefix("file://"))
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 50_000 else f"{n / 1e3:.1f} kB"
+
+
 def run_command(command, cfg):
     """Call `command(cfg)`; a UserError ends the process with its one-line message instead of a traceback.
-    Library output goes to a log file first, unless `verbose=true` (training/quiet.py)."""
+    Library output goes to a log file first, unless `verbose=true` (training/quiet.py). A command that tracks
+    (`tracking=true`) first checks that the MLflow server answers, before any work."""
     quiet(cfg)
     try:
+        if cfg.get("tracking") is True:
+            from training.tracking import tracking_uri
+            from training.tracking.probe import require_tracking
+
+            require_tracking(tracking_uri())
         return command(cfg)
     except Exception as err:
-        cause = _user_error(err)
+        cause = _user_error(err, cfg)
         if cause is None:
             raise
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
 
 
-def _user_error(err: BaseException | None) -> UserError | None:
-    """The UserError behind `err`, also when Hydra's instantiate wrapped it (it re-raises with a cause)."""
-    while err is not None:
+def _user_error(err: BaseException | None, cfg=None) -> UserError | None:
+    """The UserError behind `err`, also when Hydra's instantiate wrapped it (it re-raises with a cause) or Ray
+    carried it from a worker (`RayTaskError(X)` is an X, with the worker's own exception as its `cause`). A
+    full disk that no writer of ours named becomes a DiskFullError for the file it names, else the output."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        original = getattr(err, "cause", None)  # Ray's: the exception as the worker raised it
+        if isinstance(original, BaseException) and type(original) is not type(err):
+            if isinstance(err, UserError) or is_disk_full(original):
+                err = original
         if isinstance(err, UserError):
             return err
+        if is_disk_full(err) or any(text in str(err) for text in DISK_FULL_TEXTS):
+            fallback = (cfg.get("output") if cfg is not None and hasattr(cfg, "get") else None) or os.getcwd()
+            path = getattr(err, "filename", None) or fallback
+            return disk_full(path, err)
         err = err.__cause__ or err.__context__
     return None

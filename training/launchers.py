@@ -10,12 +10,20 @@ or, for trainer=fsdp, FSDP2 (`RayModelParallelStrategy`: Lightning's ModelParall
 shard each block with `fully_shard` in `configure_model` exactly as in a local run). Outputs, checkpoints
 (a distributed-checkpoint folder `last.ckpt/` under FSDP2), exports and MLflow runs are the same as a local
 launch; `output` must be a path every worker can reach (a shared filesystem on a multi-node cluster).
+
+A worker that dies (killed, out of memory, its node lost) does not end the run: Ray Train stops the others and
+starts them all again, up to `max_failures` times (`FailureConfig`), and each resumes from
+`<output>/checkpoints/last.ckpt` as a rerun of the command would. Rank 0 notes every start in
+`<output>/ray_train/starts.jsonl`, so the launcher's summary says how often that happened and from which step.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import time
+import uuid
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -23,7 +31,7 @@ from pytorch_lightning.strategies import ModelParallelStrategy
 
 from training.errors import UserError
 from training.tracking import tracking_uri
-from training.train import train
+from training.train import LAST_CHECKPOINT, train
 
 RAY_DDP = {"_target_": "ray.train.lightning.RayDDPStrategy"}
 RAY_FSDP = "training.launchers.RayModelParallelStrategy"
@@ -117,14 +125,17 @@ def _open_tracking_store(cfg: DictConfig) -> None:
     dist.barrier()
 
 
-def _train_worker(config: dict) -> None:
+def _train_worker(config: dict) -> float:
     """What each Ray Train worker runs."""
     import ray.train
 
     cfg = worker_config(config["cfg"])
+    if ray.train.get_context().get_world_rank() == 0:
+        _note_start(str(cfg.output), config["fit"])
     _open_tracking_store(cfg)
     metric = train(cfg, prepare=prepare)
     ray.train.report({"metric": float(metric)})
+    return float(metric)  # rank 0's is the Result's `return_value` (Ray Train v2 keeps no metrics without a checkpoint)
 
 
 class LocalLauncher:
@@ -134,35 +145,83 @@ class LocalLauncher:
         return train(cfg)
 
 
-class RayLauncher:
-    """`train(cfg)` on `num_workers` Ray Train workers; returns the metric rank 0 reports."""
+STARTS = "ray_train/starts.jsonl"
 
-    def __init__(self, num_workers: int = 2, use_gpu: bool = False, cpus_per_worker: float = 1):
+
+def checkpoint_step(path: str) -> int | None:
+    """The global step a Lightning checkpoint holds (a file, or FSDP2's distributed-checkpoint folder with its
+    `meta.pt`), None when there is none. Memory-mapped: the weights are not read."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "meta.pt")
+    if not os.path.exists(path):
+        return None
+    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+
+
+def _note_start(output: str, fit: str) -> None:
+    """One line per start of the workers of fit `fit`: the first, and each restart after a worker died."""
+    step = checkpoint_step(os.path.join(output, LAST_CHECKPOINT))
+    os.makedirs(os.path.dirname(os.path.join(output, STARTS)), exist_ok=True)
+    with open(os.path.join(output, STARTS), "a") as f:
+        f.write(json.dumps({"fit": fit, "from_step": step, "time": time.time()}) + "\n")
+
+
+def restarts(output: str, fit: str) -> list[int | None]:
+    """The step each restart of fit `fit` resumed from (None: from the start, no checkpoint yet)."""
+    path = os.path.join(output, STARTS)
+    if not os.path.exists(path):
+        return []
+    starts = [json.loads(line) for line in open(path) if line.strip()]
+    return [s["from_step"] for s in starts if s["fit"] == fit][1:]
+
+
+def restarts_line(steps: list[int | None]) -> str:
+    """What the summary says about restarts ("" when there were none)."""
+    if not steps:
+        return ""
+    resumed = ", ".join("the start" if s is None else f"step {s}" for s in steps)
+    return f"; restarted {len(steps)} time(s) after a worker died, resumed from {resumed}"
+
+
+class RayLauncher:
+    """`train(cfg)` on `num_workers` Ray Train workers; returns the metric rank 0 reports. Up to `max_failures`
+    times, a worker's death restarts the workers from the last checkpoint."""
+
+    def __init__(self, num_workers: int = 2, use_gpu: bool = False, cpus_per_worker: float = 1, max_failures: int = 2):
         self.num_workers, self.use_gpu, self.cpus_per_worker = int(num_workers), bool(use_gpu), float(cpus_per_worker)
+        self.max_failures = int(max_failures)
 
     def __call__(self, cfg: DictConfig) -> float:
         import ray
-        from ray.train import RunConfig, ScalingConfig
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
         kind = strategy_kind(cfg.trainer.get("strategy"))
         workers = self.num_workers
         if workers < 1:
             raise UserError(f"launcher.num_workers={workers}; expected at least 1")
+        if self.max_failures < -1:
+            raise UserError(f"launcher.max_failures={self.max_failures}; expected -1 (no limit), 0 or more")
         if not ray.is_initialized():
             ray.init()  # RAY_ADDRESS (set for `ray job submit` jobs) joins the cluster; else a local Ray
         output = os.path.abspath(str(cfg.output))
         os.makedirs(output, exist_ok=True)
         resources = {"CPU": self.cpus_per_worker}
+        fit = uuid.uuid4().hex  # names this fit's lines in STARTS: a rerun of the command is not a restart
         trainer = TorchTrainer(
             _train_worker,
-            train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True)},
+            train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "fit": fit},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=self.use_gpu, resources_per_worker=resources),
             run_config=RunConfig(
-                name=f"{cfg.task_name}-{os.path.basename(output)}", storage_path=os.path.join(output, "ray_train")
+                name=f"{cfg.task_name}-{os.path.basename(output)}",
+                storage_path=os.path.join(output, "ray_train"),
+                failure_config=FailureConfig(max_failures=self.max_failures),
             ),
         )
         result = trainer.fit()
-        metric = (result.metrics or {}).get("metric", math.nan)
-        print(f"Ray Train: {workers} worker(s) finished ({kind}); metric {metric:.4f}")
+        metric = getattr(result, "return_value", None)
+        if metric is None:  # Ray Train v1 (RAY_TRAIN_V2_ENABLED=0): what rank 0 reported
+            metric = (result.metrics or {}).get("metric", math.nan)
+        retried = restarts_line(restarts(output, fit))
+        print(f"Ray Train: {workers} worker(s) finished ({kind}); metric {metric:.4f}{retried}")
         return metric

@@ -9,94 +9,68 @@ The same command resumes: with `<output>/checkpoints/last.ckpt` present, trainin
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import time
 
 import hydra
-import pytorch_lightning as pl
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint, ThroughputMonitor
-from pytorch_lightning.utilities import rank_zero_only
 
 from training.errors import run_command
-from training.tracking import data_lineage, experiment_name, flatten, sweep_parent_run, tracking_uri
+from training.tracking import data_lineage, experiment_name, flatten, sweep_parent_run
+
+# torch, Lightning and the models are imported inside train(): a command that cannot start (a tracking
+# server that is down, a bad option) says so in a second, not after ten seconds of imports.
 
 LAST_CHECKPOINT = "checkpoints/last.ckpt"
 
 
 def mlflow_logger(cfg: DictConfig, output: str):
-    """MLflow through Lightning's logger; a resumed run logs into the run it started, and a job of a Hydra
-    multirun is a child of the sweep's run."""
-    from pytorch_lightning.loggers import MLFlowLogger
+    """MLflow through a journaled run (training/tracking): a server that goes away never stalls a step. A
+    resumed run logs into the run it started, and a job of a Hydra multirun is a child of the sweep's run."""
+    from pytorch_lightning.utilities import rank_zero_only
 
+    from training.tracking.journaled import TrackedRun
+    from training.tracking.lightning import TrackedRunLogger
+
+    experiment, name = experiment_name(cfg.task_name), f"{cfg.task_name} {os.path.basename(os.path.abspath(output))}"
+    if rank_zero_only.rank != 0:
+        return TrackedRunLogger(None, experiment)
     run_file = os.path.join(output, "mlflow_run.json")
     previous = json.load(open(run_file))["run_id"] if os.path.exists(run_file) else None
+    if previous is not None:
+        return TrackedRunLogger(TrackedRun.start(name, output, experiment, run_id=previous), experiment)
     tags = {"pixelmill.task": cfg.task_name, "pixelmill.output": os.path.abspath(output)}
     manifest = os.path.join(str(cfg.data.path), "manifest.json")
     if os.path.exists(manifest):
         tags["pixelmill.data_hash"] = json.load(open(manifest)).get("content_hash", "")
     tags["pixelmill.data_path"] = str(cfg.data.path)
-    if previous is None and rank_zero_only.rank == 0:
-        parent = sweep_parent_run(cfg.task_name)
-        if parent:
-            tags["mlflow.parentRunId"] = parent
-    logger = MLFlowLogger(
-        experiment_name=experiment_name(cfg.task_name),
-        run_name=f"{cfg.task_name} {os.path.basename(os.path.abspath(output))}",
-        tracking_uri=tracking_uri(),
-        tags=tags,
-        run_id=previous,
-    )
-    if rank_zero_only.rank == 0:
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        if previous is None:
-            logger.log_hyperparams(flatten(resolved))
-            logger.experiment.log_dict(logger.run_id, resolved, "config.json")
-            for stage, entry in data_lineage(str(cfg.data.path)).items():  # shards ← filter ← annotate ← crawl
-                logger.experiment.set_tag(logger.run_id, f"pixelmill.lineage.{stage}", entry["path"])
-                logger.experiment.log_dict(logger.run_id, entry["manifest"], f"lineage/{stage}_manifest.json")
-            with open(run_file, "w") as f:
-                json.dump({"run_id": logger.run_id}, f)
-    return logger
-
-
-def checkpointing(cfg: DictConfig, output: str) -> ModelCheckpoint:
-    """`checkpoints/last.ckpt` (what a rerun resumes from) every `checkpoint_every` steps, or every
-    `checkpoint_every_minutes` of wall clock when set (long steps, preemptible machines); with
-    `checkpoint_keep=k`, also the last k as `step<N>.ckpt`."""
-    minutes = cfg.get("checkpoint_every_minutes")
-    keep = int(cfg.get("checkpoint_keep") or 0)
-    return ModelCheckpoint(
-        dirpath=os.path.join(output, "checkpoints"),
-        every_n_train_steps=None if minutes else int(cfg.checkpoint_every),
-        train_time_interval=datetime.timedelta(minutes=float(minutes)) if minutes else None,
-        save_last=True,
-        save_top_k=keep,
-        monitor="step" if keep else None,  # the highest steps are the last ones
-        mode="max",
-        filename="step{step:08d}",
-        auto_insert_metric_name=False,
-    )
-
-
-class SeedPerRank(pl.Callback):
-    """Every rank builds the model from `seed` (identical weights), then draws from `seed + global rank` (as
-    open_clip does): otherwise W ranks draw the same noise, timesteps, dropout masks and posterior samples,
-    and W GPUs train on one GPU's worth of them. Augmentation is keyed by sample, so it does not depend on this."""
-
-    def __init__(self, seed: int):
-        self.seed = int(seed)
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl.seed_everything(self.seed + trainer.global_rank, workers=True, verbose=False)
+    if parent := sweep_parent_run(cfg.task_name):
+        tags["mlflow.parentRunId"] = parent
+    run = TrackedRun.start(name, output, experiment, tags)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    run.log_params(flatten(resolved))
+    run.log_dict(resolved, "config.json")
+    for stage, entry in data_lineage(str(cfg.data.path)).items():  # shards ← filter ← annotate ← crawl
+        run.set_tag(f"pixelmill.lineage.{stage}", entry["path"])
+        run.log_dict(entry["manifest"], f"lineage/{stage}_manifest.json")
+    if run.run_id:  # None only when the server went away between the start-up probe and here
+        with open(run_file, "w") as f:
+            json.dump({"run_id": run.run_id}, f)
+    return TrackedRunLogger(run, experiment)
 
 
 def train(cfg: DictConfig, prepare=None) -> float:
     """Train, export, and return the metric a sweep compares (validation loss, else training loss).
     `prepare(trainer)` adapts the Lightning trainer to a launcher (Ray Train's `prepare_trainer`)."""
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+    from pytorch_lightning.callbacks import ThroughputMonitor
+    from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+    from training.callbacks import SeedPerRank, checkpointing
+    from training.checkpoint_io import AtomicCheckpointIO
+
     output = str(cfg.output)
     os.makedirs(output, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -117,6 +91,8 @@ def train(cfg: DictConfig, prepare=None) -> float:
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=output)
     if prepare is not None:
         trainer = prepare(trainer)
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own CheckpointIO plugin stays
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # last.ckpt whole or the previous one, disk full or not
 
     last = os.path.join(output, LAST_CHECKPOINT)
     resume = last if os.path.exists(last) else None
@@ -144,8 +120,10 @@ def train(cfg: DictConfig, prepare=None) -> float:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    launcher = instantiate(cfg.launcher)  # conf/launcher: this process (default) or Ray Train workers
-    return run_command(launcher, cfg)
+    from hydra.utils import instantiate
+
+    # conf/launcher: this process (default) or Ray Train workers
+    return run_command(lambda c: instantiate(c.launcher)(c), cfg)
 
 
 if __name__ == "__main__":

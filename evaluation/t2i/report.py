@@ -14,7 +14,7 @@ import textwrap
 from PIL import Image, ImageDraw, ImageFont
 
 from evaluation.report import model_tags
-from training.tracking import mlflow_run, sweep_parent_run
+from training.tracking import sweep_parent_run, tracked_run
 
 COLUMNS = (
     ("clip_score", "CLIPScore"),
@@ -158,21 +158,20 @@ def write_report(record: dict, output: str, config: dict, report_cfg, tracking: 
             "pixelmill.judge": os.path.abspath(record["judge"]),
             "pixelmill.task": "drawbench",
         }
-        with mlflow_run(
+        with tracked_run(
             f"drawbench {record['dataset']}",
+            output,
             config=config,
             tags=tags,
             parent_run_id=sweep_parent_run("drawbench"),
             task="drawbench",
-        ):
-            import mlflow  # configured by mlflow_run
-
-            mlflow.log_metrics({k: v for k, v in record["metrics"].items() if not math.isnan(v)})
-            mlflow.log_table(mlflow_table(record, thumbs), artifact_file="drawbench_table.json")
+        ) as run:
+            run.log_metrics({k: v for k, v in record["metrics"].items() if not math.isnan(v)})
+            run.log_table(mlflow_table(record, thumbs), artifact_file="drawbench_table.json")
             for category, grid in grids.items():
-                mlflow.log_image(grid, f"grids/{category.replace('/', '_')}.png")
-            mlflow.log_artifact(os.path.join(output, "report.html"))
-            mlflow.log_artifact(os.path.join(output, "results.json"))
+                run.log_image(grid, f"grids/{category.replace('/', '_')}.png")
+            run.log_artifact(os.path.join(output, "report.html"))
+            run.log_artifact(os.path.join(output, "results.json"))
     print_summary(record, output)
 
 

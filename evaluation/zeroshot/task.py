@@ -63,7 +63,7 @@ def evaluate_clip(cfg: DictConfig) -> dict:
         json.dump(record, f, indent=2)
     if cfg.tracking:
         log_evaluation(
-            record, OmegaConf.to_container(cfg, resolve=True), tables, figures, lineage(str(cfg.clip), eval_set)
+            record, OmegaConf.to_container(cfg, resolve=True), tables, figures, lineage(str(cfg.clip), eval_set), output
         )
     print_summary(record, output)
     return record

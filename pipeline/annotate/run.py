@@ -22,7 +22,7 @@ from pipeline.annotate.signals import ShardAnnotator
 from pipeline.errors import StageError
 from pipeline.options import COUNT, RAY, STAGE_FLAGS, Option, check_options
 from pipeline.ray_setup import actor_count, init_ray, quiet_ray_data
-from pipeline.stage import Finished, Run, Stage, drive
+from pipeline.stage import Finished, Run, Stage, drive, note_attempt
 from pipeline.storage import MANIFEST, Location, config_fingerprint, file_sha256
 from pipeline.thumbnails import THUMBNAIL_BYTES
 
@@ -130,7 +130,21 @@ def empty_table(dim: int | None) -> pa.Table:
     return pa.schema(fields).empty_table()
 
 
-def _stream(cfg: dict, todo: list[str], out: Location, bar):
+class CountedShardAnnotator(ShardAnnotator):
+    """`ShardAnnotator` that notes each shard's attempt as it starts (`pipeline.stage.note_attempt`), so that a
+    shard Ray reads again after its worker died shows in the summary."""
+
+    def __init__(self, input_url: str, output_url: str, attempts: str):
+        super().__init__(input_url)
+        self.output, self.attempts = Location(output_url), attempts
+
+    def __call__(self, batch: dict):
+        for shard in batch["shard"]:
+            note_attempt(self.output, str(shard), self.attempts)
+            yield from super().__call__({"shard": [shard]})
+
+
+def _stream(cfg: dict, todo: list[str], out: Location, bar, attempts: str):
     """Run the Ray Data pipeline over the shards in `todo`; write each shard's parquet when it is whole and
     yield (shard, its done record)."""
     import ray
@@ -143,8 +157,8 @@ def _stream(cfg: dict, todo: list[str], out: Location, bar):
     readers = actor_count(None, len(todo)) - (0 if gpus else actors)
     dataset = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
     dataset = dataset.map_batches(
-        ShardAnnotator,
-        fn_constructor_kwargs={"input_url": cfg["input"]},
+        CountedShardAnnotator,
+        fn_constructor_kwargs={"input_url": cfg["input"], "output_url": out.url, "attempts": attempts},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, readers)),
     )
@@ -212,8 +226,8 @@ class AnnotateStage(Stage):
     def bar(self, run: Run, units: list[str], retry: bool) -> dict:
         return {"total": sum(_successes(self.raw, s) for s in units) or None, "desc": "annotate", "unit": "sample"}
 
-    def map(self, units: list[str], bar):
-        return _stream(self.cfg, units, self.output, bar)
+    def map(self, units: list[str], bar, attempts: str):
+        return _stream(self.cfg, units, self.output, bar, attempts)
 
     def finish(self, run: Run) -> Finished:
         names = [meta_name(s) for s in run.done]

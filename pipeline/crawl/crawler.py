@@ -54,7 +54,7 @@ class ShardCrawler:
         started = time.time()
         table = pq.read_table(self.plan.path(f"{shard_name(shard_id)}.parquet"), filesystem=self.plan.fs)
         extras = [f for f in table.schema if f.name not in ("key", "url", "caption", "duplicate_of")]
-        writer = ShardWriter(self.output, shard_id, output_schema(extras), self.extension)
+        writer = ShardWriter(self.output, shard_id, output_schema(extras), self.extension, rows=len(table))
         try:
             records, downloaded = asyncio.run(self._crawl_rows(list(enumerate(table.to_pylist())), writer))
         except BaseException:

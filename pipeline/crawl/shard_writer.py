@@ -9,13 +9,10 @@ and renamed, the stats file last.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import time
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.storage import Location
 from pipeline.tar_io import OrderedSampleWriter, TarSampleWriter
@@ -69,13 +66,14 @@ class ShardWriter:
     shard. Every row's position in the shard (its place in key order) is `put` once: with its sample, or
     with `skip` when it has none."""
 
-    def __init__(self, location: Location, shard_id: int, schema: pa.Schema, extension: str):
+    def __init__(self, location: Location, shard_id: int, schema: pa.Schema, extension: str, rows: int | None = None):
+        """`rows`: the shard's input rows, at most its samples (a full disk's message extrapolates from it)."""
         self.location = location
         self.shard_id = shard_id
         self.schema = schema
         self.extension = extension
         self.tar_name, self.parquet_name, self.stats_name = shard_files(shard_id)
-        self._tar = OrderedSampleWriter(TarSampleWriter(location, self.tar_name))
+        self._tar = OrderedSampleWriter(TarSampleWriter(location, self.tar_name, samples=rows))
 
     def add(self, position: int, record: dict, image: bytes) -> None:
         meta = {k: json_safe(v) for k, v in record.items()}
@@ -102,11 +100,8 @@ class ShardWriter:
         tar_sha256 = self._tar.close()
         records = sorted(records, key=lambda r: r["key"])
         table = pa.Table.from_pylist(records, schema=self.schema)
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        with self.location.open_atomic(self.parquet_name) as f:
-            f.write(buffer.getvalue())
-        stats["sha256"] = {self.tar_name: tar_sha256, self.parquet_name: hashlib.sha256(buffer.getvalue()).hexdigest()}
+        parquet_sha256 = self.location.write_parquet(self.parquet_name, table)
+        stats["sha256"] = {self.tar_name: tar_sha256, self.parquet_name: parquet_sha256}
         self.location.write_json(self.stats_name, stats)
 
     def abort(self) -> None:

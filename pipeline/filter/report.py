@@ -83,12 +83,11 @@ def write_report(out: Location, outcome: FilterOutcome, meta: dict, title: str =
 
 
 def log_filter(manifest: dict, chart: bytes, table_text: str) -> None:
-    """Log into the active MLflow run (`pipeline.run`'s), or into a run of its own when there is none. The
+    """Log into the open MLflow run (`pipeline.run`'s), or into a run of its own when there is none. The
     per-rule files are read back from the output, which the manifest's `report` lists, so that a caller
     that finds the filter already complete logs them too."""
-    from training.tracking import mlflow_run, setup_mlflow
+    from training.tracking import current_run, tracked_run
 
-    mlflow = setup_mlflow()
     out = Location(manifest["config"]["output"])
     per_rule = {}
     for name in manifest.get("report", {}):
@@ -96,11 +95,11 @@ def log_filter(manifest: dict, chart: bytes, table_text: str) -> None:
             with out.fs.open(out.path(name), "rb") as f:
                 per_rule[name] = f.read()
 
-    def log():
+    def log(run):
         for i, step in enumerate(manifest["funnel"]):
-            mlflow.log_metric(f"funnel_left.{step['step']}", step["left"], step=i)
-        mlflow.log_metrics({"filter.rows": manifest["counts"]["rows"], "filter.kept": manifest["counts"]["kept"]})
-        mlflow.log_table(
+            run.log_metric(f"funnel_left.{step['step']}", step["left"], step=i)
+        run.log_metrics({"filter.rows": manifest["counts"]["rows"], "filter.kept": manifest["counts"]["kept"]})
+        run.log_table(
             {
                 "step": [s["step"] for s in manifest["funnel"]],
                 "dropped": [s["dropped"] for s in manifest["funnel"]],
@@ -108,27 +107,22 @@ def log_filter(manifest: dict, chart: bytes, table_text: str) -> None:
             },
             "filter/funnel.json",
         )
-        mlflow.log_image(_png(chart), "filter/funnel.png")
-        mlflow.log_text(table_text, "filter/funnel.txt")
+        run.log_image(chart, "filter/funnel.png")
+        run.log_text(table_text, "filter/funnel.txt")
         for name, data in per_rule.items():
             if name.endswith(".png"):
-                mlflow.log_image(_png(data), f"filter/{name}")
+                run.log_image(data, f"filter/{name}")
             elif name.endswith(".txt"):
-                mlflow.log_text(data.decode(), f"filter/{name}")
+                run.log_text(data.decode(), f"filter/{name}")
             elif rows := json.loads(data):
-                mlflow.log_table({column: [row[column] for row in rows] for column in rows[0]}, f"filter/{name}")
-        mlflow.set_tags(
+                run.log_table({column: [row[column] for row in rows] for column in rows[0]}, f"filter/{name}")
+        run.set_tags(
             {"data.meta_hash": manifest["input_content_hash"], "data.selection_hash": manifest["content_hash"]}
         )
 
-    if mlflow.active_run() is None:
-        with mlflow_run("filter", config=manifest["config"], tags={"pixelmill.stage": "filter"}):
-            log()
+    if current_run() is None:
+        output = manifest["config"]["output"]
+        with tracked_run("filter", output, config=manifest["config"], tags={"pixelmill.stage": "filter"}) as run:
+            log(run)
     else:
-        log()
-
-
-def _png(data: bytes):
-    from PIL import Image
-
-    return Image.open(io.BytesIO(data))
+        log(current_run())

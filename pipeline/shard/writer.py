@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 
 from pipeline.stage import WORK
 from pipeline.storage import Location
-from pipeline.tar_io import TarSampleWriter
+from pipeline.tar_io import TarSampleWriter, tar_size
 
 
 def output_name(index: int) -> str:
@@ -47,7 +47,8 @@ class TrainingShardWriter:
         finally:
             if handle:
                 handle.close()
-        writer = TarSampleWriter(self.output, output_name(index))
+        # Its exact size, so that a full disk's message says how much this tar needs.
+        writer = TarSampleWriter(self.output, output_name(index), size=tar_size([data[k] for k in keys]))
         try:
             for key in keys:
                 writer.add(data[key])

@@ -124,6 +124,6 @@ class SampleGrid(pl.Callback):
             return
         self._drawn_at = step
         grid = self.draw(trainer, pl_module)
-        if grid is not None and trainer.logger:
-            trainer.logger.experiment.log_image(trainer.logger.run_id, grid, key="samples", step=step)
+        if grid is not None and trainer.logger and trainer.logger.experiment:
+            trainer.logger.experiment.log_image(grid, key="samples", step=step)
         trainer.strategy.barrier("samples")

@@ -3,15 +3,18 @@
 The default store is `sqlite:///mlflow.db` in the working directory; `MLFLOW_TRACKING_URI` points elsewhere
 (a team server). Runs land in the experiment named by `MLFLOW_EXPERIMENT_NAME`, else one experiment per
 task (`pixelmill-clip`, `pixelmill-zeroshot`, …), else "pixelmill" (the data pipeline).
+
+Every call goes through `tracked_run` (journaled.py): journaled in the output folder and sent in the
+background, so a server that goes away never stalls or ends a run; `python -m training.tracking sync
+<output>` sends what is left when it comes back after the run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from contextlib import contextmanager
-
-from training.data.sources import Folder
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "pixelmill"
@@ -46,9 +49,18 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
     return {k: v[:6000] for k, v in out.items()}
 
 
-def sweep_parent(sweep_id: str, name: str, task: str | None = None) -> str:
+def sweep_parent(sweep_id: str, name: str, task: str | None = None) -> str | None:
     """The run that groups a Hydra multirun: found by its tag, created by the first job that asks. Every
     launcher works, because no job needs to have started it."""
+    from training.tracking.probe import unreachable
+
+    if reason := unreachable(tracking_uri()):  # asked late (evaluation ends with it): do not stall the job
+        print(
+            f"warning: MLflow at {tracking_uri()} is not answering ({reason}); this run is not grouped "
+            f"under sweep {sweep_id}",
+            file=sys.stderr,
+        )
+        return None
     mlflow = setup_mlflow(task)
     client = mlflow.MlflowClient()
     experiment = mlflow.get_experiment_by_name(experiment_name(task))
@@ -78,33 +90,53 @@ def sweep_parent_run(task: str | None = None) -> str | None:
     return sweep_parent(sweep, f"sweep {os.path.basename(sweep)}", task) if sweep else None
 
 
+_ACTIVE: list = []  # the runs open in this process, innermost last: a run opened inside another nests under it
+
+
+def current_run():
+    """The innermost open `tracked_run`, or None."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
 @contextmanager
-def mlflow_run(
+def tracked_run(
     name: str,
+    output: str,
     config: dict | None = None,
     tags: dict | None = None,
     parent_run_id: str | None = None,
     task: str | None = None,
 ):
-    """A run logging the resolved config (as params and as `config.json`); nested under the active run if
-    there is one, or under `parent_run_id`."""
-    mlflow = setup_mlflow(task)
-    nested = mlflow.active_run() is not None
-    with mlflow.start_run(
-        run_name=name, nested=nested, parent_run_id=None if nested else parent_run_id, tags=tags
-    ) as run:
-        if config is not None:
-            mlflow.log_params(flatten(config))
-            mlflow.log_dict(config, "config.json")
+    """A run logging the resolved config (as params and as `config.json`), journaled in `output` (see
+    journaled.py); nested under the open run if there is one, or under `parent_run_id`. It ends FINISHED,
+    or FAILED when the body raises."""
+    from training.tracking.journaled import TrackedRun
+
+    outer = current_run()
+    parent = outer.run_id if outer else parent_run_id
+    tags = {**(tags or {}), **({"mlflow.parentRunId": parent} if parent else {})}
+    run = TrackedRun.start(name, output, experiment_name(task), tags)
+    if config is not None:
+        run.log_params(flatten(config))
+        run.log_dict(config, "config.json")
+    _ACTIVE.append(run)
+    status = "FAILED"
+    try:
         yield run
-    if parent_run_id and not nested:  # a sweep's parent ends when its latest job does
-        mlflow.MlflowClient().set_terminated(parent_run_id)
+        status = "FINISHED"
+    finally:
+        _ACTIVE.remove(run)
+        run.close(status)
+    if parent_run_id and outer is None:  # a sweep's parent ends when its latest job does
+        TrackedRun.start(name, output, experiment_name(task), run_id=parent_run_id).close("FINISHED")
 
 
 def data_lineage(path: str, limit: int = 10) -> dict[str, dict]:
     """The manifests a local dataset was made from, by stage: its own, then those of the folders its config
     names as `selection` and `input`, and so on (shard ← filter ← annotate ← crawl; encode ← shard ← …).
     Each entry: {"path": folder, "manifest": the manifest}."""
+    from training.data.sources import Folder  # webdataset, torch: only when a run logs its lineage
+
     found: dict[str, dict] = {}
     queue = [path]
     while queue and len(found) < limit:
