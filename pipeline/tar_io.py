@@ -11,6 +11,7 @@ import hashlib
 import io
 import tarfile
 import tempfile
+from contextlib import contextmanager
 
 from pipeline.errors import DiskFullError, disk_full, is_disk_full
 from pipeline.storage import Location
@@ -54,26 +55,18 @@ class TarSampleWriter:
 
     def add(self, sample: dict) -> None:
         key = sample["__key__"]
-        try:
+        with self._naming_a_full_disk():
             for ext, data in sample.items():
                 if ext == "__key__":
                     continue
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size, info.mtime, info.mode = len(data), 0, 0o444
                 self._tar.addfile(info, io.BytesIO(data))
-        except OSError as err:
-            if not is_disk_full(err):
-                raise
-            raise self._disk_full(err) from err
         self.samples += 1
 
     def close(self) -> str:
-        try:
+        with self._naming_a_full_disk():
             self._tar.close()
-        except OSError as err:
-            if not is_disk_full(err):
-                raise
-            raise self._disk_full(err) from err
         self._cm.__exit__(None, None, None)
         return self._file.hexdigest()
 
@@ -88,15 +81,21 @@ class TarSampleWriter:
             except DiskFullError:
                 pass  # buffered bytes that no longer fit: the file is removed all the same
 
-    def _disk_full(self, err: OSError) -> DiskFullError:
-        """Abort, then name the tar with the space it needs: exact when `size` is known, else extrapolated
-        from the bytes per sample so far to `samples`, else at least the bytes written so far."""
-        self.abort()
-        written, needed = self._file.bytes, self.size
-        if needed is None and self.expected and self.samples:
-            needed = max(written, written * self.expected // self.samples)
-        at_least = needed is None
-        return disk_full(self.location.url_of(self.name), err, needed or written, at_least=at_least)
+    @contextmanager
+    def _naming_a_full_disk(self):
+        """A full disk aborts, then names the tar with the space it needs: exact when `size` is known, else
+        extrapolated from the bytes per sample so far to `samples`, else at least the bytes written so far."""
+        try:
+            yield
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            self.abort()
+            written, needed = self._file.bytes, self.size
+            if needed is None and self.expected and self.samples:
+                needed = max(written, written * self.expected // self.samples)
+            at_least = needed is None
+            raise disk_full(self.location.url_of(self.name), err, needed or written, at_least=at_least) from err
 
 
 def tar_size(samples: list[dict]) -> int:

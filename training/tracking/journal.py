@@ -57,6 +57,7 @@ class Journal:
         self.base = os.path.join(folder, ident)
         self.lock = threading.Lock()  # appends (callers) against the offset's reset (sender)
         self._handle = None
+        self._spec: dict | None = None  # read once: the sender asks for the run on every send
 
     @classmethod
     def create(cls, folder: str, spec: dict) -> Journal:
@@ -85,11 +86,14 @@ class Journal:
             self._handle = None
 
     def spec(self) -> dict:
-        with open(self.base + ".json") as f:
-            return json.load(f)
+        if self._spec is None:
+            with open(self.base + ".json") as f:
+                self._spec = json.load(f)
+        return self._spec
 
     def save_spec(self, spec: dict) -> None:
         _write_atomic(self.base + ".json", json.dumps(spec))
+        self._spec = spec
 
     def stage(self, name: str) -> str:
         """A fresh path under `<id>/` for a file a call names."""
@@ -272,13 +276,11 @@ class Sender:
 def permanent(err: Exception) -> bool:
     """A refusal that retrying cannot fix (a 4xx answer, a call the journal cannot rebuild), as opposed to a
     store that does not answer (connection refused, time-outs, 5xx) — those are retried."""
-    import requests
     from mlflow.exceptions import MlflowException
 
-    if isinstance(err, requests.RequestException | ConnectionError | TimeoutError):
-        return False
     if isinstance(err, MlflowException):
         return 400 <= err.get_http_status_code() < 500
+    # Network errors (requests', sockets') are OSErrors; a staged file gone, or a bug, is not retried.
     return not isinstance(err, OSError) or isinstance(err, FileNotFoundError)
 
 
