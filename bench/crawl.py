@@ -1,12 +1,16 @@
-"""Crawl the same locally served world with pixelmill and with img2dataset, side by side, and print images/s.
+"""Crawl real pictures with pixelmill and with img2dataset, cell by cell, and print images/s side by side.
 
-    python bench/crawl.py [--n 4000] [--source-size 512] [--processes 2] [--threads 16]
+    python bench/crawl.py [--sizes 256,512,1024,2048] [--formats jpg,png,webp]
+                          [--modes border,keep_ratio,center_crop] [--servers plain,ours] [--scale 1.0]
 
-Both tools get the same URL list, image size, resize mode, processes and threads (pixelmill: `concurrency`
-downloads in flight per process, decoding on `image_threads` of them). The server runs in its own process
-with every body rendered beforehand, on 127.0.0.1 only. Two rates are reported for each tool:
-- crawl window: images / (last shard end − first shard start), read from both tools' `_stats.json`;
-- end to end: images / wall time of the whole call, start-up (Ray, process pool) included.
+A cell is (server, source size, source format, resize mode). Its URLs point at real pictures from Debian
+packages (`bench/pictures.py`: clip art on white and wallpapers, short side at the source size, up to 4:3),
+served from 127.0.0.1 by a server in its own process: `plain` (Python's ThreadingHTTPServer, HTTP/1.0, a
+connection per request) or `ours` (the world's aiohttp server, keep-alive). Both tools run as the whole
+command a user types, with their usual settings (2 processes × 16 threads), one after the other on the same
+URLs; the output size is 224 px for 256 px sources, 256 for 512 and 1024, 384 for 2048. Two rates per tool:
+- end to end: images / wall time of the command, every start-up included (Python, Ray, the process pool);
+- window: images / (last shard end − first shard start), read from both tools' `_stats.json`.
 """
 
 from __future__ import annotations
@@ -16,29 +20,39 @@ import glob
 import json
 import multiprocessing
 import os
+import pickle
 import shutil
+import subprocess
 import sys
 import time
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+OUTPUT_SIZE = {256: 224, 512: 256, 1024: 256, 2048: 384}
+URLS = {256: 3000, 512: 3000, 1024: 1500, 2048: 600}  # per cell at --scale 1: each run lasts several seconds
+PICTURES = {256: 200, 512: 200, 1024: 100, 2048: 50}  # distinct bodies per cell (URLs cycle through them)
 
 
-def serve(n: int, size: int, folder: str, ready) -> None:
-    from omegaconf import OmegaConf
+def bodies_file(cache: str, size: int, fmt: str) -> str:
+    """The cell's encoded bodies, rendered once into the cache (a 2048 px PNG takes a while to encode)."""
+    from pictures import load_pictures, source_body
 
-    from pipeline.world import World, WorldServer
+    path = os.path.join(cache, "crawl-bodies", f"{size}_{fmt}_{PICTURES[size]}.pkl")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        bodies = [source_body(p, size, fmt) for p in load_pictures(cache, PICTURES[size])]
+        with open(path + ".tmp", "wb") as f:
+            pickle.dump(bodies, f)
+        os.replace(path + ".tmp", path)
+    return path
 
-    cfg = OmegaConf.load(os.path.join(os.path.dirname(HERE), "conf", "world", "default.yaml"))
-    cfg.n, cfg.image_size, cfg.faults = n, size, {}
-    world = World(cfg)
-    server = WorldServer(world)
-    server.warm()
-    server.start()
-    ready.put(world.write(folder, server.base_url)[0])
-    while True:
-        time.sleep(3600)
+
+def serve_file(kind: str, path: str, n: int, ready) -> None:
+    from pictures import serve
+
+    with open(path, "rb") as f:
+        serve(kind, pickle.load(f), n, ready)
 
 
 def window_rate(folder: str) -> tuple[float, int]:
@@ -48,102 +62,100 @@ def window_rate(folder: str) -> tuple[float, int]:
     return images / window, images
 
 
-def run_img2dataset(urls, out, args) -> float:
-    from img2dataset import download
+def commands(urls: str, out: str, size: int, mode: str, args) -> dict[str, list[str]]:
+    venv_bin = os.path.dirname(sys.executable)
+    return {
+        "img2dataset": [
+            os.path.join(venv_bin, "img2dataset"),
+            *("--url_list", urls, "--input_format", "parquet", "--url_col", "url", "--caption_col", "caption"),
+            *("--output_format", "webdataset", "--output_folder", f"{out}/img2dataset"),
+            *("--processes_count", str(args.processes), "--thread_count", str(args.threads)),
+            *("--image_size", str(size), "--resize_mode", mode, "--number_sample_per_shard", "500"),
+            *("--timeout", "10", "--retries", "0", "--enable_wandb", "False", "--distributor", "multiprocessing"),
+        ],
+        "pixelmill": [
+            sys.executable,
+            *("-m", "pipeline.crawl", f"input={urls}", f"output={out}/pixelmill", "allow_networks=[127.0.0.1/32]"),
+            *(f"processes={args.processes}", f"concurrency={args.threads}", f"image_size={size}"),
+            *(f"resize_mode={mode}", "number_sample_per_shard=500", "retries=0", "progress=false"),
+            f"hydra.run.dir={out}/hydra",
+        ],
+    }
 
-    started = time.time()
-    download(
-        url_list=urls,
-        input_format="parquet",
-        url_col="url",
-        caption_col="caption",
-        output_format="webdataset",
-        output_folder=out,
-        processes_count=args.processes,
-        thread_count=args.threads,
-        image_size=args.image_size,
-        resize_mode=args.resize_mode,
-        number_sample_per_shard=args.per_shard,
-        timeout=10,
-        retries=0,
-        enable_wandb=False,
-        distributor="multiprocessing",
+
+def run_cell(server: str, size: int, fmt: str, modes: list[str], args) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = max(100, int(URLS[size] * args.scale))
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Queue()
+    process = ctx.Process(target=serve_file, args=(server, bodies_file(args.cache, size, fmt), n, ready), daemon=True)
+    process.start()
+    rows = []
+    try:
+        base = ready.get(timeout=600)
+        cell = os.path.join(args.out, f"{server}_{size}_{fmt}")
+        os.makedirs(cell, exist_ok=True)
+        urls = os.path.join(cell, "urls.parquet")
+        pq.write_table(pa.table({"url": [f"{base}/{i}.img" for i in range(n)], "caption": ["a picture"] * n}), urls)
+        for mode in modes:
+            out = os.path.join(cell, mode)
+            shutil.rmtree(out, ignore_errors=True)
+            row = {"server": server, "size": size, "format": fmt, "mode": mode, "urls": n}
+            for tool, command in commands(urls, out, OUTPUT_SIZE[size], mode, args).items():
+                started = time.time()
+                done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+                wall = time.time() - started
+                if done.returncode:
+                    sys.exit(f"{tool} failed in {out}:\n{done.stderr[-2000:]}")
+                window, images = window_rate(f"{out}/{tool}")
+                row[tool] = {"images": images, "wall": wall, "end_to_end": images / wall, "window": window}
+            rows.append(row)
+            print(line(row), flush=True)
+    finally:
+        process.terminate()
+    return rows
+
+
+def line(row: dict) -> str:
+    ours, theirs = row["pixelmill"], row["img2dataset"]
+    return (
+        f"| {row['server']} | {row['size']} {row['format']} → {OUTPUT_SIZE[row['size']]} {row['mode']} | "
+        f"{theirs['end_to_end']:.0f} | {ours['end_to_end']:.0f} | "
+        f"**{ours['end_to_end'] / theirs['end_to_end']:.2f}×** | "
+        f"{theirs['window']:.0f} | {ours['window']:.0f} | {ours['window'] / theirs['window']:.2f}× |"
     )
-    return time.time() - started
-
-
-def run_pixelmill(urls, out, args) -> float:
-    from hydra import compose, initialize_config_dir
-
-    from pipeline.crawl.run import crawl
-    from pipeline.ray_setup import init_ray
-
-    init_ray(args.processes)  # started before the clock, as img2dataset's pool is not pre-started: see "end to end"
-    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(HERE), "conf"), version_base="1.3"):
-        cfg = compose(
-            "crawl",
-            overrides=[
-                f"input={urls}",
-                f"output={out}",
-                "allow_networks=[127.0.0.1/32]",
-                f"processes={args.processes}",
-                f"concurrency={args.threads}",
-                f"image_threads={args.image_threads}",
-                f"image_size={args.image_size}",
-                f"resize_mode={args.resize_mode}",
-                f"number_sample_per_shard={args.per_shard}",
-                "retries=0",
-                "progress=false",
-            ],
-        )
-    started = time.time()
-    crawl(cfg)
-    return time.time() - started
 
 
 def main() -> None:
+    from pictures import DEFAULT_CACHE
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=4000)
-    parser.add_argument("--source-size", type=int, default=512)
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--resize-mode", default="border")
+    parser.add_argument("--sizes", default="256,512,1024,2048")
+    parser.add_argument("--formats", default="jpg,png,webp")
+    parser.add_argument("--modes", default="border,keep_ratio,center_crop")
+    parser.add_argument("--servers", default="plain,ours")
+    parser.add_argument("--scale", type=float, default=1.0, help="URLs per cell, relative to the defaults")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=16)
-    parser.add_argument("--image-threads", type=int, default=2)
-    parser.add_argument("--per-shard", type=int, default=500)
+    parser.add_argument("--cache", default=DEFAULT_CACHE)
     parser.add_argument("--out", default=os.path.join(HERE, "out", "crawl"))
     args = parser.parse_args()
-    shutil.rmtree(args.out, ignore_errors=True)
-    os.makedirs(args.out)
-
-    ctx = multiprocessing.get_context("spawn")
-    ready = ctx.Queue()
-    server = ctx.Process(
-        target=serve, args=(args.n, args.source_size, os.path.join(args.out, "world"), ready), daemon=True
-    )
-    server.start()
-    print(f"rendering {args.n} world images of {args.source_size}px for the server…", flush=True)
-    urls = ready.get(timeout=900)
-    try:
-        results = {}
-        for name, run in (("img2dataset", run_img2dataset), ("pixelmill", run_pixelmill)):
-            out = os.path.join(args.out, name)
-            wall = run(urls, out, args)
-            rate, images = window_rate(out)
-            results[name] = (rate, images / wall, images, wall)
-    finally:
-        server.terminate()
-
+    os.makedirs(args.out, exist_ok=True)
     print(
-        f"\ncrawl of {args.n} URLs, {args.source_size}px JPEGs → {args.image_size}px {args.resize_mode}; "
-        f"{args.processes} processes × {args.threads} threads (pixelmill: {args.image_threads} image threads); "
-        f"{os.cpu_count()} CPUs, server on the same machine"
+        f"{os.cpu_count()} CPUs, servers on the same machine; {args.processes} processes × {args.threads} threads\n"
+        "| server | cell | img2dataset e2e img/s | pixelmill e2e img/s | e2e ratio | "
+        "img2dataset window | pixelmill window | window ratio |\n|---|---|---:|---:|---:|---:|---:|---:|",
+        flush=True,
     )
-    print(f"{'tool':<14}{'images':>8}{'window img/s':>15}{'end-to-end img/s':>19}{'wall s':>9}")
-    for name, (rate, e2e, images, wall) in results.items():
-        print(f"{name:<14}{images:>8}{rate:>15.1f}{e2e:>19.1f}{wall:>9.1f}")
-    ours, theirs = results["pixelmill"], results["img2dataset"]
-    print(f"{'ratio':<14}{'':>8}{ours[0] / theirs[0]:>14.2f}×{ours[1] / theirs[1]:>18.2f}×")
+    rows = []
+    for server in args.servers.split(","):
+        for size in map(int, args.sizes.split(",")):
+            for fmt in args.formats.split(","):
+                rows += run_cell(server, size, fmt, args.modes.split(","), args)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

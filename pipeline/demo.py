@@ -2,7 +2,8 @@
 
 serve the world → crawl → annotate → filter (rules) → shard → CLIP v0 → zero-shot eval → annotate with CLIP v0 →
 filter by CLIP score → shard → CLIP v1 (same budget) → zero-shot eval → autoencoder → latent diffusion →
-DrawBench-style eval on the world suite → a summary: the funnel, what the CLIP-score filter did to the world's
+DrawBench-style eval on the world suite, judged by CLIP v0 (the LDM conditions on CLIP v1, so its CLIPScore is
+not read through its own text encoder) → a summary: the funnel, what the CLIP-score filter did to the world's
 mismatched captions (ground truth), v0 against v1, DrawBench per category, and how to open MLflow.
 
 Training and evaluation are called through the `_target_`s in conf/demo.yaml: the data pipeline imports
@@ -108,8 +109,10 @@ class Demo:
         )
         return f"{self.out}/ldm/pipeline"
 
-    def drawbench(self, model: str) -> dict:
-        return self.evaluate(self.config("evaluate", "drawbench", f"pipeline={model}", f"output={self.out}/drawbench"))
+    def drawbench(self, model: str, judge: str) -> dict:
+        return self.evaluate(
+            self.config("evaluate", "drawbench", f"pipeline={model}", f"judge={judge}", f"output={self.out}/drawbench")
+        )
 
 
 def demo(cfg: DictConfig) -> dict:
@@ -137,7 +140,11 @@ def demo(cfg: DictConfig) -> dict:
     pipeline = steps.timed(
         "diffusion", "autoencoder → latent diffusion", lambda: steps.diffusion(v1_data["config"]["output"], clip_v1)
     )
-    bench = steps.timed("DrawBench", "DrawBench-style eval (world suite)", lambda: steps.drawbench(pipeline))
+    # The judge is CLIP v0: trained apart from CLIP v1 (rule-filtered data, its own run), whose text encoder the
+    # latent diffusion model conditions on; no extra training time.
+    bench = steps.timed(
+        "DrawBench", "DrawBench-style eval (world suite)", lambda: steps.drawbench(pipeline, judge=clip_v0)
+    )
     summary = summarise(cfg, out, v0_data, v1_data, v0, v1, bench, steps.timings)
     with open(f"{out}/summary.json", "w") as f:
         json.dump(summary, f, indent=2)
@@ -166,6 +173,8 @@ def summarise(cfg, out: str, v0_data: dict, v1_data: dict, v0: dict, v1: dict, b
     for category, entry in bench["categories"].items():
         correct, clip_score = entry["correct"]["mean"], entry["clip_score"]["mean"]
         print(f"  {category:<28}{entry['prompts']:>10}{correct:>10.3f}{clip_score:>11.3f}")
+    independent = "independent of" if bench["judge_independent"] else "identical to"
+    print(f"  CLIPScore judge: CLIP v0, {independent} the latent diffusion model's text encoder (CLIP v1)")
     total = sum(timings.values())
     print(f"time: {total / 60:.1f} min (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
@@ -179,6 +188,7 @@ def summarise(cfg, out: str, v0_data: dict, v1_data: dict, v0: dict, v1: dict, b
         "zeroshot_v0": v0,
         "zeroshot_v1": v1,
         "drawbench": bench["metrics"],
+        "drawbench_judge": {"clip": bench["judge"], "independent": bench["judge_independent"]},
         "seconds": timings,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }

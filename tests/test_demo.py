@@ -39,5 +39,6 @@ def test_demo_runs_the_whole_flow_at_toy_size(tmp_path, monkeypatch, ray_local):
     assert summary["mismatch"]["mismatched"] >= 15  # the injected captions reached the CLIP-score rule
     assert set(summary["zeroshot_v0"]) == set(summary["zeroshot_v1"]) == {"colour", "shape"}
     assert "correct/all" in summary["drawbench"] and "clip_score/Colors" in summary["drawbench"]
+    assert summary["drawbench_judge"]["independent"]  # judged by CLIP v0, not the LDM's own text encoder (v1)
     assert (tmp_path / "demo" / "drawbench" / "report.html").exists()
     assert (tmp_path / "demo" / "ldm" / "pipeline" / "model_index.json").exists()

@@ -2,7 +2,8 @@
 [baseline=<pipeline folder>] [judge=<CLIP folder>]`
 
 prompts → images (N per prompt with seeds seed … seed+N−1, the same for model and baseline; images already on
-disk are kept) → scores (CLIPScore with a CLIP judge; on the world suite also the ground-truth checkers) →
+disk are kept) → scores (CLIPScore with a CLIP judge, which should not be the model's own text encoder: the
+report says when it is, `evaluation.t2i.judge`; on the world suite also the ground-truth checkers) →
 per-category means with bootstrap intervals, and win rates against the baseline → report (JSON, HTML, MLflow).
 """
 
@@ -19,12 +20,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from evaluation.t2i.generate import draw, load_pipeline
+from evaluation.t2i.judge import judge_folder, judge_independence
 from evaluation.t2i.metrics import bootstrap_mean, clip_scores, pairwise_outcomes
 from evaluation.t2i.prompt_suites import Prompt, load_prompts, world_vocabulary
 from evaluation.t2i.report import write_report
 from evaluation.t2i.world_checks import CHECKS, ObjectFinder, judge
 from training.clip.encode import ClipEncoder
-from training.clip.model import load_clip, require_clip_folder
+from training.clip.model import load_clip
 from training.errors import UserError
 
 # What decides an image's pixels; a change to any of them draws new images into a new folder.
@@ -34,23 +36,6 @@ GENERATION_KEYS = ("n", "seed", "steps", "guidance_scale", "sampler", "height", 
 def require_pipeline(path: str, option: str) -> None:
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise UserError(f"{option}={path} is not a diffusers pipeline folder (no model_index.json there)")
-
-
-def judge_folder(model: str, judge_path: str | None) -> str:
-    """The CLIP that scores: `judge=`, else the CLIP the model was trained with (`lineage.json` beside a
-    pipeline exported by `training.train task=ldm`)."""
-    if judge_path:
-        require_clip_folder(judge_path, "judge")
-        return judge_path
-    lineage = os.path.join(os.path.dirname(os.path.abspath(model)), "lineage.json")
-    if not os.path.isfile(lineage):
-        raise UserError(
-            f"judge=<CLIP folder> is needed: model={model} has no lineage.json beside it naming "
-            f"the CLIP it was trained with"
-        )
-    clip = json.load(open(lineage))["clip"]
-    require_clip_folder(clip, "judge (from lineage.json)")
-    return clip
 
 
 def image_folder(root: str, model: str, generation: dict) -> str:
@@ -182,6 +167,9 @@ def evaluate_drawbench(cfg: DictConfig) -> dict:
     if baseline:
         require_pipeline(baseline, "baseline")
     judge_path = judge_folder(model, cfg.judge)
+    independence = judge_independence(model, judge_path, given=bool(cfg.judge))
+    if not independence["independent"]:
+        print(f"warning: {independence['note']}")  # now, before the images are drawn, and again in the report
     suite, prompts = load_prompts(
         str(cfg.prompts), int(cfg.world_suite.per_category), int(cfg.world_suite.seed), cfg.world_suite.world
     )
@@ -215,6 +203,8 @@ def evaluate_drawbench(cfg: DictConfig) -> dict:
         "model": model,
         "baseline": baseline,
         "judge": judge_path,
+        "judge_independent": independence["independent"],
+        "judge_note": independence["note"],
         "task": "drawbench",
         "generation": generation,
         "samples": len(rows),

@@ -113,12 +113,18 @@ def html_page(record: dict, grids: dict[str, Image.Image], thumbs: dict[str, Ima
     meta = {k: record[k] for k in ("model", "baseline", "judge", "dataset", "samples")}
     meta.update({k: v for k, v in record["generation"].items() if v is not None})
     meta = {k: v for k, v in meta.items() if v is not None}
+    warning = (
+        f"<p class='warning'><b>Warning:</b> {html.escape(record['judge_note'])}</p>"
+        if record.get("judge_independent") is False
+        else ""
+    )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>DrawBench · {html.escape(record["dataset"])}</title>
 <style>body{{font-family:sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}th{{background:#eef}}
+.warning{{background:#fff3cd;border:1px solid #e0b000;padding:6px 10px}}
 img{{image-rendering:pixelated;width:{side}px}}img.grid{{width:auto;max-width:100%;border:1px solid #999}}</style></head>
 <body><h1>DrawBench-style evaluation · {html.escape(record["dataset"])}</h1>
-<p>{" · ".join(f"<b>{html.escape(k)}</b> {html.escape(str(v))}" for k, v in meta.items())}</p>
+<p>{" · ".join(f"<b>{html.escape(k)}</b> {html.escape(str(v))}" for k, v in meta.items())}</p>{warning}
 <table><tr><th>category</th><th>prompts</th>{head}</tr>{body}</table>
 <p>Means over prompts with {record["confidence"]:.0%} bootstrap intervals. Grids: one row per prompt; the
 model's images, then the baseline's.</p>{"".join(sections)}</body></html>"""
@@ -156,6 +162,7 @@ def write_report(record: dict, output: str, config: dict, report_cfg, tracking: 
             **model_tags(record["model"]),
             **(model_tags(record["baseline"], "baseline") if record["baseline"] else {}),
             "pixelmill.judge": os.path.abspath(record["judge"]),
+            "pixelmill.judge_independent": str(record["judge_independent"]).lower(),
             "pixelmill.task": "drawbench",
         }
         with tracked_run(
@@ -189,3 +196,4 @@ def print_summary(record: dict, output: str) -> None:
         )
         print(f"  {category:<22}{entry['prompts']:>8}{cells}")
     print(f"  images drawn now: {record['generated']} · report: {output}/report.html")
+    print(f"  {'' if record['judge_independent'] else 'warning: '}{record['judge_note']}")

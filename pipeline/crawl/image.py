@@ -7,8 +7,10 @@ the output pixel cap and the encoder's per-side limit too. A thin strip (1×1000
 
 For JPEG, decoding uses DCT scaling (`Image.draft`) to the smallest scale still at least as large as the target,
 which is where most of the speed over a full decode-then-resize comes from; the final resize is still a proper
-filter. center_crop resizes only the crop (`Image.resize(box=...)`), so no intermediate larger than the output
-exists, and EXIF rotation is applied to the small output rather than to the decoded original.
+filter, after a box reduction by whole factors wherever at least 2× would remain (`reducing_gap`: what keeps
+large PNG and WebP sources, which cannot be decoded reduced, from paying a full-size Lanczos pass).
+center_crop resizes only the crop (`Image.resize(box=...)`), so no intermediate larger than the output exists,
+and EXIF rotation is applied to the small output rather than to the decoded original.
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ class ImageSettings:
     max_aspect_ratio: float | None = None
     downscale_interpolation: str = "lanczos"
     upscale_interpolation: str = "bicubic"
+    # Downscales by whole factors with a box filter first while the rest stays at least this factor, then
+    # resamples with the filter (Pillow's reducing_gap). At 2.0: 2× faster on 1024–2048 px PNG/WebP sources,
+    # at most 0.1 dB PSNR from one Lanczos pass on real pictures (bench/crawl_paths.py); None: one pass.
+    reducing_gap: float | None = 2.0
     border_color: tuple[int, int, int] = (255, 255, 255)
     decode_formats: tuple[str, ...] = DEFAULT_DECODE_FORMATS
 
@@ -93,6 +99,8 @@ class ImageSettings:
             raise ValueError(f"resize_mode={self.resize_mode!r}; expected one of {', '.join(RESIZE_MODES)}")
         if self.encode_format not in FORMATS:
             raise ValueError(f"encode_format={self.encode_format!r}; expected one of {', '.join(FORMATS)}")
+        if self.reducing_gap is not None and not self.reducing_gap >= 1:
+            raise ValueError(f"reducing_gap={self.reducing_gap!r}; expected a number ≥ 1, or null")
         for name in (self.downscale_interpolation, self.upscale_interpolation):
             if name not in RESAMPLING:
                 raise ValueError(f"interpolation {name!r}; expected one of {', '.join(RESAMPLING)}")
@@ -212,7 +220,8 @@ class ImageProcessor:
                 box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
             upscale = resize[0] * resize[1] > out.width * out.height if box is None else resize[0] > box[2] - box[0]
             filter_name = s.upscale_interpolation if upscale else s.downscale_interpolation
-            out = out.resize(resize, RESAMPLING[filter_name], box=box)
+            gap = None if upscale else s.reducing_gap
+            out = out.resize(resize, RESAMPLING[filter_name], box=box, reducing_gap=gap)
         elif box is not None:  # center_crop of an image whose short side is already image_size
             out = out.crop(box)
         if out.mode != "RGB":

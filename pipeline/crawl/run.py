@@ -56,6 +56,7 @@ IMAGE_KEYS = (
     "max_aspect_ratio",
     "downscale_interpolation",
     "upscale_interpolation",
+    "reducing_gap",
     "decode_formats",
 )
 OPTIONS = (
@@ -73,6 +74,7 @@ OPTIONS = (
     Option("max_pixels", **COUNT),
     Option("min_image_size", low=0),
     Option("max_aspect_ratio", float, low=1, nullable=True),
+    Option("reducing_gap", float, low=1, nullable=True),
     *(Option(k, bool) for k in ("resize_only_if_bigger", "retry_failed", "overwrite", "wait_for_lock", "progress")),
     RAY,
 )

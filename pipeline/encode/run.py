@@ -84,6 +84,8 @@ class ShardEncoder:
         if expected and encoder_fingerprints(self.vae, self.text_encoder, self.tokenizer) != expected:
             raise StageError(f"vae={cfg['vae']} or clip={cfg['clip']} changed while encoding; rerun the stage")
         self.vae.to(self.device), self.text_encoder.to(self.device)
+        # Short side resized, centre square: the aspect-preserving crop task=ldm trains on (ShortSideCrop, random
+        # there), so cached and on-the-fly latents come from pictures cut alike.
         self.transform = EvalTransform(int(cfg["image_size"]), SYMMETRIC_MEAN, SYMMETRIC_STD)
         self.dtype = DTYPES[cfg["dtype"]]
         self.image_keys, self.caption_key = cfg["image_keys"].split(";"), cfg["caption_key"]

@@ -15,6 +15,7 @@ import io
 import itertools
 import logging
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -229,6 +230,7 @@ class ShardDataModule(pl.LightningDataModule):
         seed: int = 0,
         crop_scale: tuple = (0.9, 1.0),
         flip: bool = False,
+        train_transform: Callable | None = None,
         image_keys: str = "jpg;jpeg;png;webp",
         caption_key: str = "txt",
     ):
@@ -238,6 +240,9 @@ class ShardDataModule(pl.LightningDataModule):
         self.resampled, self.epoch_samples = bool(resampled), epoch_samples
         self.shuffle_buffer, self.shuffle_initial, self.seed = shuffle_buffer, shuffle_initial, int(seed)
         self.crop_scale, self.flip = tuple(crop_scale), bool(flip)
+        # A partial of a transform class, called with (image_size, mean=, std=) once the model is known, e.g.
+        # ShortSideCrop for latent diffusion (conf/task/ldm.yaml); None: CLIP's random resized crop.
+        self.train_transform = train_transform
         self.image_keys, self.caption_key = image_keys, caption_key
         self.train_shards, self.validation_shards = self._split()
         self.tokenizer, self.image_size, self.context_length = None, None, None
@@ -278,9 +283,7 @@ class ShardDataModule(pl.LightningDataModule):
         corrupt = self._resume.get("corrupt") if resuming else None
         return ShardStream(
             self.train_shards,
-            transform=TrainTransform(
-                self.image_size, scale=self.crop_scale, flip=self.flip, mean=self.mean, std=self.std
-            ),
+            transform=self._train_transform(),
             batch_size=self.batch_size,
             epoch=epoch,
             resampled=self.resampled,
@@ -291,6 +294,11 @@ class ShardDataModule(pl.LightningDataModule):
             shuffle_initial=self.shuffle_initial,
             **self._common(rank, world, max(1, self.num_workers)),
         )
+
+    def _train_transform(self):
+        if self.train_transform is not None:
+            return self.train_transform(self.image_size, mean=self.mean, std=self.std)
+        return TrainTransform(self.image_size, scale=self.crop_scale, flip=self.flip, mean=self.mean, std=self.std)
 
     def preview(self, batches: int):
         """Up to `batches` unaugmented batches in this process, from the validation shards if there are any,

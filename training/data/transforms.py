@@ -2,8 +2,13 @@
 
 `TrainTransform` is open_clip's: a random resized crop (scale 0.9–1 by default, since captions often name
 positions and counts that a harsh crop would cut away), an optional flip (off: captions say "left"),
-normalisation. `EvalTransform` resizes the short side and centre-crops, as CLIP image processors do.
-Randomness comes from a generator passed per call, so a sample's augmentation depends only on its seed.
+normalisation. It draws the crop's aspect ratio too, so it stretches or squashes the picture: fine for CLIP,
+wrong for an image generator, which would learn the distortion. `ShortSideCrop` keeps the aspect ratio: it
+resizes the short side to the output size and crops the square along the long side, at random or in the
+centre (latent diffusion's training data, as Stable Diffusion's). `EvalTransform` is its centre crop, as CLIP
+image processors do; the latent cache (`pipeline.encode`) uses it too, so cached and on-the-fly latent
+diffusion data are cut alike. Randomness comes from a generator passed per call, so a sample's augmentation
+depends only on its seed.
 """
 
 from __future__ import annotations
@@ -54,17 +59,37 @@ class TrainTransform:
         return _to_tensor(image, self.mean, self.std)
 
 
-class EvalTransform:
-    def __init__(self, image_size: int, mean=CLIP_MEAN, std=CLIP_STD):
+class ShortSideCrop:
+    """Resize the short side to `image_size`, then a square crop of that side: centred, or with `random` at an
+    offset drawn along the long side (the whole picture when it is square). One resample: the crop is a box in
+    the source image."""
+
+    def __init__(self, image_size: int, mean=CLIP_MEAN, std=CLIP_STD, random: bool = False, flip: bool = False):
         self.size, self.mean, self.std = int(image_size), mean, std
+        self.random, self.flip = bool(random), bool(flip)
+
+    def crop_box(self, width: int, height: int, rng: np.random.Generator | None) -> tuple[float, ...]:
+        scale = self.size / min(width, height)
+        if self.random and rng is not None:
+            # Whole output pixels of slack along each side, rounded down so the box never leaves the picture.
+            slack_w, slack_h = (max(0, math.floor(side * scale - self.size + 1e-6)) for side in (width, height))
+            left, top = int(rng.integers(0, slack_w + 1)), int(rng.integers(0, slack_h + 1))
+        else:
+            w, h = max(self.size, round(width * scale)), max(self.size, round(height * scale))  # the resized image
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+        return left / scale, top / scale, (left + self.size) / scale, (top + self.size) / scale
 
     def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
         image = image.convert("RGB")
-        width, height = image.size
-        scale = self.size / min(width, height)
-        w, h = max(self.size, round(width * scale)), max(self.size, round(height * scale))
-        left, top = (w - self.size) // 2, (h - self.size) // 2
-        # One resample: the centre crop expressed as a box in the source image.
-        box = (left / scale, top / scale, (left + self.size) / scale, (top + self.size) / scale)
+        box = self.crop_box(*image.size, rng)
         image = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+        if self.flip and rng is not None and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return _to_tensor(image, self.mean, self.std)
+
+
+class EvalTransform(ShortSideCrop):
+    """The centre crop: CLIP's evaluation, every validation stream, and the latent cache."""
+
+    def __init__(self, image_size: int, mean=CLIP_MEAN, std=CLIP_STD):
+        super().__init__(image_size, mean, std, random=False, flip=False)

@@ -23,7 +23,7 @@ def vae_recipe(cfg: DictConfig, datamodule, output: str) -> Recipe:
         instantiate(cfg.module, model=vae),
         [ExportVae(export, datamodule, cfg.scale_batches)],
         export,
-        ("train/loss", "train/psnr", "val/psnr"),
+        ("train/loss", "train/psnr", "val/psnr", "val/ssim"),
     )
 
 
