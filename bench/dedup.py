@@ -38,7 +38,6 @@ import json
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -48,6 +47,7 @@ import zipfile
 import numpy as np
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from pictures import fetch_debian  # bench/ is the script's folder
 from PIL import Image, ImageEnhance, ImageOps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,19 +81,7 @@ SAME_PICTURE_MAD, SAME_PICTURE_SIDE = 3.0, 64
 # -- sources -----------------------------------------------------------------------------------------------
 def fetch(cache: str) -> None:
     """Everything the bench reads, into `cache`; what is already extracted there is reused."""
-    os.makedirs(cache, exist_ok=True)
-    missing = [p for p, folder in PACKAGES.items() if not os.path.isdir(os.path.join(cache, "x", folder))]
-    if missing and not shutil.which("apt-get"):
-        sys.exit(f"no apt-get here: fetch the Debian packages {' '.join(missing)} and dpkg-deb -x them into {cache}/x")
-    for package in missing:
-        debs = glob.glob(os.path.join(cache, f"{package}_*.deb"))
-        if not debs:
-            print(f"fetching {package}…", flush=True)
-            done = subprocess.run(["apt-get", "download", package], cwd=cache, capture_output=True, text=True)
-            if done.returncode:  # as root it also warns that the download is unsandboxed: harmless
-                sys.exit(f"apt-get download {package} failed in {cache}: {done.stderr.strip()}")
-            debs = glob.glob(os.path.join(cache, f"{package}_*.deb"))
-        subprocess.run(["dpkg-deb", "-x", sorted(debs)[-1], os.path.join(cache, "x")], check=True)
+    fetch_debian(cache, PACKAGES)
     if not os.path.isdir(os.path.join(cache, SKIMAGE_DATA)):
         wheels = glob.glob(os.path.join(cache, "scikit_image-*.whl"))
         if not wheels:

@@ -31,26 +31,27 @@ DEFAULT_CACHE = os.path.expanduser("~/.cache/pixelmill/dedup-bench")  # shared w
 SAVE = {"jpg": ("JPEG", {"quality": 90}), "png": ("PNG", {}), "webp": ("WEBP", {"quality": 90})}
 
 
-def fetch(cache: str) -> None:
-    """The Debian packages, extracted under `cache`/x; what is there already is reused."""
+def fetch_debian(cache: str, packages: dict[str, str]) -> None:
+    """Debian packages (name → the folder of pictures each installs) extracted under `cache`/x with
+    `apt-get download` and `dpkg-deb -x`; what is already extracted there is reused."""
     os.makedirs(cache, exist_ok=True)
-    for package, folder in PACKAGES.items():
-        if os.path.isdir(os.path.join(cache, "x", folder)):
-            continue
-        if not shutil.which("apt-get"):
-            sys.exit(f"no apt-get here: fetch the Debian package {package} and dpkg-deb -x it into {cache}/x")
+    missing = [p for p, folder in packages.items() if not os.path.isdir(os.path.join(cache, "x", folder))]
+    if missing and not shutil.which("apt-get"):
+        sys.exit(f"no apt-get here: fetch the Debian packages {' '.join(missing)} and dpkg-deb -x them into {cache}/x")
+    for package in missing:
         debs = glob.glob(os.path.join(cache, f"{package}_*.deb"))
         if not debs:
+            print(f"fetching {package}…", flush=True)
             done = subprocess.run(["apt-get", "download", package], cwd=cache, capture_output=True, text=True)
-            debs = glob.glob(os.path.join(cache, f"{package}_*.deb"))
-            if not debs:
+            if done.returncode:  # as root it also warns that the download is unsandboxed: harmless
                 sys.exit(f"apt-get download {package} failed in {cache}: {done.stderr.strip()}")
+            debs = glob.glob(os.path.join(cache, f"{package}_*.deb"))
         subprocess.run(["dpkg-deb", "-x", sorted(debs)[-1], os.path.join(cache, "x")], check=True)
 
 
 def load_pictures(cache: str, count: int, seed: int = 0) -> list[Image.Image]:
     """`count` distinct RGB pictures: every wallpaper, then clip art drawn at random (at least 200 px a side)."""
-    fetch(cache)
+    fetch_debian(cache, PACKAGES)
     wallpapers = sorted(glob.glob(os.path.join(cache, "x", PACKAGES["gnome-backgrounds"], "*.webp")))
     clipart = sorted(glob.glob(os.path.join(cache, "x", PACKAGES["openclipart-png"], "**", "*.png"), recursive=True))
     random.Random(seed).shuffle(clipart)
