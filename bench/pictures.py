@@ -59,10 +59,13 @@ def load_pictures(cache: str, count: int, seed: int = 0) -> list[Image.Image]:
     for path in wallpapers + clipart:
         if len(pictures) == count:
             break
-        with Image.open(path) as image:
-            if min(image.size) < 200:
-                continue
-            rgba = image.convert("RGBA")
+        try:
+            with Image.open(path) as image:
+                if min(image.size) < 200:
+                    continue
+                rgba = image.convert("RGBA")
+        except Image.DecompressionBombError:  # a few clip arts are rendered at 15,000 px and more: skip them
+            continue
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         pictures.append(Image.alpha_composite(white, rgba).convert("RGB"))
     return pictures

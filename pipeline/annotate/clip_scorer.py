@@ -9,6 +9,7 @@ Embeddings leave as float16 (DESIGN.md).
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import torch
@@ -22,9 +23,12 @@ class ClipScorer:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        if threads:
-            torch.set_num_threads(int(threads))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if threads or self.device == "cpu":
+            # Ray starts an actor of one CPU with OMP_NUM_THREADS=1: half of a 2-core machine for the model.
+            # The readers beside it idle while a CLIP of any size works (their decode and signals take a few
+            # ms a sample; a ViT-B/32 forward on CPU 80 ms), so by default the model gets every core.
+            torch.set_num_threads(int(threads or len(os.sched_getaffinity(0))))
         autocast = torch.bfloat16 if self.device == "cuda" else None
         self.encoder = ClipEncoder.from_folder(clip_path, self.device, autocast_dtype=autocast)
         self.dim = self.encoder.dim
