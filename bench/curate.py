@@ -159,6 +159,7 @@ def annotate_table(args) -> None:
 
     cells = [("no CLIP", None, args.samples), ("clip_tiny", "clip_tiny", args.samples),
              ("clip_vit_b32", "clip_vit_b32", args.big_samples)]  # fmt: skip
+    cells = [c for c in cells if c[0] in args.cells.split(",")]
     raws, rows = {}, []
     for name, model, samples in cells:
         sizes = (samples // 4, samples)
@@ -190,6 +191,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4096, help="annotate samples without CLIP and with clip_tiny")
     parser.add_argument("--big-samples", type=int, default=448, help="annotate samples with clip_vit_b32")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--cells", default="no CLIP,clip_tiny,clip_vit_b32", help="annotate cells, comma-separated")
     parser.add_argument("--filter-rows", type=int, default=1_000_000)
     parser.add_argument("--only", choices=("annotate", "filter"), default=None)
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "curate"))

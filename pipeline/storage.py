@@ -85,14 +85,15 @@ class Location:
         if self.fs.exists(self.path(name)):
             self.fs.rm(self.path(name))
 
-    def write_parquet(self, name: str, table) -> str:
-        """Write a pyarrow table atomically; returns the file's sha256 (taken from the buffer, not re-read)."""
+    def write_parquet(self, name: str, table, **options) -> str:
+        """Write a pyarrow table atomically (`options` go to `pq.write_table`, e.g. `row_group_size`); returns
+        the file's sha256 (taken from the buffer, not re-read)."""
         import io
 
         import pyarrow.parquet as pq
 
         buffer = io.BytesIO()
-        pq.write_table(table, buffer)
+        pq.write_table(table, buffer, **options)
         with self.open_atomic(name, size=buffer.tell()) as f:
             f.write(buffer.getvalue())
         return hashlib.sha256(buffer.getvalue()).hexdigest()

@@ -44,21 +44,24 @@ def _selected(selection: Location) -> tuple[pa.Table, str]:
     return kept, selection.read_json(MANIFEST)["content_hash"]
 
 
+INDEX_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("ext", pa.string()), ("offset", pa.int64()),
+                          ("size", pa.int64())])  # fmt: skip
+# Row groups of the members plan: a writer reads only the groups whose out_shard range holds its tar.
+PLAN_ROW_GROUP = 65_536
+
+
 def _index(raw: Location, shards: list[str]) -> pa.Table:
-    """Where every member of the kept samples sits in its raw tar (headers only; no image is read)."""
-    columns: dict[str, list] = {"key": [], "shard": [], "ext": [], "offset": [], "size": []}
+    """Where every member of the given raw tars sits (headers only; no image is read). One Arrow table per
+    tar, so a 10M-sample set never becomes one Python list; typed even when empty (a selection that keeps
+    nothing is a valid, empty shard set)."""
+    tables = [pa.table({n: [] for n in INDEX_SCHEMA.names}, schema=INDEX_SCHEMA)]
     for shard in shards:
         with raw.fs.open(raw.path(shard), "rb") as f:
-            for key, ext, offset, size in tar_index(f):
-                columns["key"].append(key)
-                columns["shard"].append(shard)
-                columns["ext"].append(ext)
-                columns["offset"].append(offset)
-                columns["size"].append(size)
-    # Typed even when empty: a selection that keeps nothing is a valid (empty) shard set, not a type error.
-    schema = pa.schema([("key", pa.string()), ("shard", pa.string()), ("ext", pa.string()), ("offset", pa.int64()),
-                        ("size", pa.int64())])  # fmt: skip
-    return pa.table(columns, schema=schema)
+            rows = tar_index(f)
+        key, ext, offset, size = zip(*rows) if rows else ((), (), (), ())
+        tables.append(pa.table({"key": key, "shard": [shard] * len(key), "ext": ext, "offset": offset, "size": size},
+                               schema=INDEX_SCHEMA))  # fmt: skip
+    return pa.concat_tables(tables)
 
 
 class ShardStage(Stage):
@@ -92,16 +95,18 @@ class ShardStage(Stage):
         assignment = pa.table(
             {"key": kept["key"].take(order), "out_shard": np.arange(n) // per, "position": np.arange(n)}
         )
-        index = _index(self.raw, sorted(set(kept["shard"].to_pylist())))
-        members = index.filter(pc.is_in(index["key"], value_set=pa.array(kept["key"].to_pylist(), pa.string())))
-        missing = n - len(set(members["key"].to_pylist()))
+        index = _index(self.raw, sorted(pc.unique(kept["shard"]).to_pylist()))
+        # Each kept member with its output tar and position, sorted by tar and then by where its bytes are,
+        # so that a writer reads one contiguous slice of the plan and its raw tars by forward seeks.
+        members = index.join(assignment, "key", join_type="inner")
+        missing = n - pc.count_distinct(members["key"]).as_py() if members.num_rows else n
         if missing:
             raise StageError(
                 f"{missing} selected samples are not in the raw shards of {self.raw.url}; "
                 "was the selection made from them?"
             )
-        work.write_parquet("assignment.parquet", assignment)
-        work.write_parquet("members.parquet", members)
+        members = members.sort_by([("out_shard", "ascending"), ("shard", "ascending"), ("offset", "ascending")])
+        work.write_parquet("members.parquet", members, row_group_size=PLAN_ROW_GROUP)
         shards = (n + per - 1) // per
         return {"units": [f"{i:05d}" for i in range(shards)], "samples": n, "shards": shards}
 

@@ -19,34 +19,35 @@ class TrainingShardWriter:
     def __init__(self, raw_url: str, output_url: str):
         self.raw = Location(raw_url)
         self.output = Location(output_url)
-        plan = pq.read_table(self.output.path(f"{WORK}/members.parquet"), filesystem=self.output.fs).to_pydict()
-        # key → its members, in the order they were in the raw tar: [(raw shard, extension, offset, size)]
-        self.members: dict[str, list] = {}
-        for key, shard, ext, offset, size in zip(plan["key"], plan["shard"], plan["ext"], plan["offset"], plan["size"]):
-            self.members.setdefault(key, []).append((shard, ext, offset, size))
-        self.assignment = pq.read_table(self.output.path(f"{WORK}/assignment.parquet"), filesystem=self.output.fs)
+        self.plan = self.output.path(f"{WORK}/members.parquet")
 
     def __call__(self, unit: str) -> dict:
         """`unit`: the output tar's index as a name ("00003"); returns its done record."""
         return self.write(int(unit))
 
     def write(self, index: int) -> dict:
-        keys = self.assignment.filter(self.assignment["out_shard"].to_numpy() == index).column("key").to_pylist()
-        # Read in raw-tar order (one open file per raw tar, forward seeks), write in shuffled order.
-        wanted = sorted((m[0], m[2], key, m[1], m[3]) for key in keys for m in self.members[key])
-        data: dict[str, dict] = {key: {"__key__": key} for key in keys}
+        # Only this tar's rows: the plan is sorted by out_shard, so the filter reads a row group or two.
+        rows = pq.read_table(
+            self.plan, filters=[("out_shard", "=", index)], filesystem=self.output.fs,
+            columns=["key", "shard", "ext", "offset", "size", "position"],
+        ).to_pylist()  # fmt: skip
+        # Rows come in raw-tar order (one open file per raw tar, forward seeks); written in shuffled order.
+        data: dict[str, dict] = {}
+        position: dict[str, int] = {}
         handle, current = None, None
         try:
-            for shard, offset, key, ext, size in wanted:
-                if shard != current:
+            for row in rows:
+                if row["shard"] != current:
                     if handle:
                         handle.close()
-                    handle, current = self.raw.fs.open(self.raw.path(shard), "rb"), shard
-                handle.seek(offset)
-                data[key][ext] = handle.read(size)
+                    handle, current = self.raw.fs.open(self.raw.path(row["shard"]), "rb"), row["shard"]
+                handle.seek(row["offset"])
+                data.setdefault(row["key"], {"__key__": row["key"]})[row["ext"]] = handle.read(row["size"])
+                position[row["key"]] = row["position"]
         finally:
             if handle:
                 handle.close()
+        keys = sorted(data, key=position.__getitem__)
         # Its exact size, so that a full disk's message says how much this tar needs.
         writer = TarSampleWriter(self.output, output_name(index), size=tar_size([data[k] for k in keys]))
         try:
