@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install lint format test demo bench bench-curate bench-train bench-eval bench-ldm bench-drawbench bench-dedup clean
+.PHONY: install lint format test demo bench bench-curate bench-curate-scale bench-train bench-eval bench-ldm bench-drawbench bench-dedup clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ bench: $(STAMP)
 
 bench-curate: $(STAMP)
 	$(PY) bench/curate.py $(ARGS)
+
+bench-curate-scale: $(STAMP)
+	$(PY) bench/curate_scale.py $(ARGS)
 
 bench-train: $(STAMP)
 	$(PY) bench/train_clip.py $(ARGS)

@@ -1,8 +1,8 @@
 """Curation throughput, side by side in one run (`make bench-curate`, or `python bench/curate.py`):
 
-- annotate samples/s without CLIP, with the tiny CLIP and with a ViT-B/32-sized CLIP (both from config,
-  random weights: speed does not depend on what the weights learned), on world images in raw shards;
-- filter rows/s on 1M synthetic metadata rows with the basic rules (near-duplicate search included).
+annotate samples/s without CLIP, with the tiny CLIP and with a ViT-B/32-sized CLIP (both from config, random
+weights: speed does not depend on what the weights learned) on real pictures in raw shards, each beside the
+same CLIP's bare forward. Filter and shard at scale: bench/curate_scale.py.
 """
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ import os
 import shutil
 import time
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -100,58 +97,6 @@ def bare_forward(clip: str, captions: list[str], batch_size: int, seconds: float
     return done / timed
 
 
-def make_meta(folder: str, rows: int, seed: int = 0) -> None:
-    """Synthetic metadata in annotate's schema: random sizes, captions and hashes, 5% exact and 5% near copies."""
-    from pipeline.storage import Location, write_manifest
-
-    rng = np.random.default_rng(seed)
-    hashes = rng.integers(0, 256, (rows, 24), dtype=np.uint8)
-    copies = rng.choice(rows, size=rows // 10, replace=False)
-    hashes[copies] = hashes[rng.integers(0, rows, rows // 10)]
-    near = copies[: rows // 20]
-    hashes[near, rng.integers(0, 24, len(near))] ^= 1
-    sha = np.array([f"{i:064x}" for i in range(rows)], dtype=object)
-    sha[copies[rows // 20 :]] = sha[rng.integers(0, rows, len(copies) - rows // 20)]
-    w, h = rng.integers(16, 1024, rows), rng.integers(16, 1024, rows)
-    words = rng.integers(0, 30, rows)
-    table = pa.table(
-        {
-            "key": [f"{i:09d}" for i in range(rows)],
-            "shard": ["00000.tar"] * rows,
-            "url": [None] * rows,
-            "caption": [None] * rows,
-            "sha256": sha.tolist(),
-            "dhash": [bytes(r).hex() for r in hashes],
-            "width": w.astype(np.int32),
-            "height": h.astype(np.int32),
-            "original_width": w.astype(np.int32),
-            "original_height": h.astype(np.int32),
-            "aspect_ratio": (np.maximum(w, h) / np.minimum(w, h)).astype(np.float32),
-            "caption_chars": (words * 6).astype(np.int32),
-            "caption_words": words.astype(np.int32),
-            "error": pa.nulls(rows, pa.string()),
-            "clip_score": rng.uniform(-0.1, 0.5, rows).astype(np.float32),
-        }
-    )
-    location = Location(folder)
-    location.makedirs()
-    pq.write_table(table, location.path("00000.parquet"))
-    write_manifest(location, "annotate", {}, {"samples": rows}, {"00000.parquet": "synthetic"}, time.time())
-
-
-def bench_filter(meta: str, out: str) -> tuple[float, dict]:
-    from pipeline.filter.run import filter_samples
-
-    shutil.rmtree(out, ignore_errors=True)
-    started = time.time()
-    # The near-duplicate rule needs annotate's thumbnails, which these rows do not have: its figures at
-    # scale are bench/dedup_scale.py's.
-    manifest = filter_samples(
-        config("filtering", f"input={meta}", f"output={out}", "tracking=false", "filter.near_duplicate=null")
-    )
-    return manifest["counts"]["rows"] / (time.time() - started), manifest["counts"]
-
-
 def annotate_table(args) -> None:
     """Each cell annotates a small and a large input; the stage's steady state is the marginal rate between
     them, (N2 − N1) / (t2 − t1): start-up (Ray, actors, model loads) is the same in both and cancels."""
@@ -192,19 +137,11 @@ def main() -> None:
     parser.add_argument("--big-samples", type=int, default=448, help="annotate samples with clip_vit_b32")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--cells", default="no CLIP,clip_tiny,clip_vit_b32", help="annotate cells, comma-separated")
-    parser.add_argument("--filter-rows", type=int, default=1_000_000)
-    parser.add_argument("--only", choices=("annotate", "filter"), default=None)
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "curate"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     shutil.rmtree(args.out, ignore_errors=True)
-    if args.only in (None, "annotate"):
-        annotate_table(args)
-    if args.only in (None, "filter"):
-        meta = os.path.join(args.out, "synthetic_meta")
-        make_meta(meta, args.filter_rows)
-        rate, counts = bench_filter(meta, os.path.join(args.out, "selection"))
-        print(f"filter basic, no near-dup, {args.filter_rows:,} rows: {rate:,.0f} rows/s (kept {counts['kept']:,})")
+    annotate_table(args)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ class ShardStage(Stage):
         # Each kept member with its output tar and position, sorted by tar and then by where its bytes are,
         # so that a writer reads one contiguous slice of the plan and its raw tars by forward seeks.
         members = index.join(assignment, "key", join_type="inner")
-        missing = n - pc.count_distinct(members["key"]).as_py() if members.num_rows else n
+        missing = n - pc.count_distinct(members["key"]).as_py()
         if missing:
             raise StageError(
                 f"{missing} selected samples are not in the raw shards of {self.raw.url}; "
