@@ -182,3 +182,17 @@ def test_flips_are_the_same_picture_only_when_asked(labelled):
     flips = instantiate(OmegaConf.load("conf/filter/basic.yaml").near_duplicate, flips=True)
     assert flips.duplicates(extra, np.ones(2, bool)).of.tolist() == [-1, 0]
     assert _default_rule().duplicates(extra, np.ones(2, bool)).of.tolist() == [-1, -1]
+
+
+def test_leading_band_in_chunks_counts_as_judging_every_line_at_once():
+    """The chunked band count (thumbnails._leading_band) equals the count over all lines in one pass, for
+    bands of every length around the chunk boundaries, of a border colour or of noise."""
+    from pipeline.thumbnails import _band_lines, _leading_band
+
+    rng = np.random.default_rng(0)
+    for band in [0, 1, 3, 4, 5, 11, 12, 13, 27, 28, 29, 40]:
+        lines = rng.uniform(0, 255, (40, 30, 3)).astype(np.float32)
+        lines[:band] = 250.0
+        judged = _band_lines(lines, np.median(lines[0], axis=0))
+        expected = len(judged) if judged.all() else int(np.argmin(judged))
+        assert _leading_band(lines) == expected == (band if band else 0)
