@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import hydra
@@ -95,8 +96,18 @@ class Demo:
             for attribute, path in sets.items()
         }
 
-    def diffusion(self, shards: str, clip: str) -> str:
-        self.train(self.config("train", "vae", f"data.path={shards}", f"output={self.out}/vae"))
+    def diffusion(self, shards: str, clip: str, round_trip_scenes: str) -> str:
+        self.train(
+            self.config(
+                "train",
+                "vae",
+                f"data.path={shards}",
+                f"output={self.out}/vae",
+                # the round trip of held-out world scenes through the world checkers: the ceiling of the LDM
+                "+callbacks.round_trip._target_=evaluation.t2i.round_trip.RoundTripCallback",
+                f"+callbacks.round_trip.dataset={round_trip_scenes}",
+            )
+        )
         self.train(
             self.config(
                 "train",
@@ -138,7 +149,9 @@ def demo(cfg: DictConfig) -> dict:
     )
     v1 = steps.timed("zero-shot v1", "zero-shot v1", lambda: steps.zeroshot("v1", clip_v1, sets))
     pipeline = steps.timed(
-        "diffusion", "autoencoder → latent diffusion", lambda: steps.diffusion(v1_data["config"]["output"], clip_v1)
+        "diffusion",
+        "autoencoder → latent diffusion",
+        lambda: steps.diffusion(v1_data["config"]["output"], clip_v1, next(iter(sets.values()))),
     )
     # The judge is CLIP v0: trained apart from CLIP v1 (rule-filtered data, its own run), whose text encoder the
     # latent diffusion model conditions on; no extra training time.
@@ -149,6 +162,13 @@ def demo(cfg: DictConfig) -> dict:
     with open(f"{out}/summary.json", "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def read_json(path: str):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def summarise(cfg, out: str, v0_data: dict, v1_data: dict, v0: dict, v1: dict, bench: dict, timings: dict) -> dict:
@@ -169,10 +189,29 @@ def summarise(cfg, out: str, v0_data: dict, v1_data: dict, v0: dict, v1: dict, b
     print(f"{'zero-shot top-1 (held out)':<30}{'CLIP v0':>10}{'CLIP v1':>10}")
     for attribute in v0:
         print(f"  {attribute:<28}{v0[attribute]:>10.3f}{v1[attribute]:>10.3f}")
-    print(f"{'DrawBench (world suite)':<30}{'prompts':>10}{'correct':>10}{'CLIPScore':>11}")
+    round_trip = read_json(f"{out}/vae/round_trip.json")
+    if round_trip:
+        checks = ", ".join(f"{k} {v:.3f}" for k, v in round_trip["round_trip"].items())
+        print(
+            f"autoencoder round trip of {round_trip['scenes']} held-out world scenes: {checks} "
+            f"(the originals at its size: {round_trip['original']['correct']:.3f})"
+        )
+    conditioning = read_json(f"{out}/ldm/conditioning.json")
+    if conditioning:
+        gains = " → ".join(f"{e['gain']:.3f}" for e in conditioning)
+        print(
+            f"conditioning gain (share of the UNet's error its caption removes) at steps {conditioning[0]['step']}–"
+            f"{conditioning[-1]['step']}: {gains}"
+        )
+    print(f"{'DrawBench (world suite)':<30}{'prompts':>10}{'correct':>10}{'empty prompt':>14}{'CLIPScore':>11}")
     for category, entry in bench["categories"].items():
         correct, clip_score = entry["correct"]["mean"], entry["clip_score"]["mean"]
-        print(f"  {category:<28}{entry['prompts']:>10}{correct:>10.3f}{clip_score:>11.3f}")
+        empty = entry.get("empty_prompt_correct", {}).get("mean", float("nan"))
+        print(f"  {category:<28}{entry['prompts']:>10}{correct:>10.3f}{empty:>14.3f}{clip_score:>11.3f}")
+    grid = f"{out}/ldm/samples.png"
+    if os.path.exists(grid):
+        shutil.copyfile(grid, f"{out}/drawbench/samples.png")
+        print(f"  samples (rows: seeds; columns: prompts, the last one empty): {out}/drawbench/samples.png")
     independent = "independent of" if bench["judge_independent"] else "identical to"
     print(f"  CLIPScore judge: CLIP v0, {independent} the latent diffusion model's text encoder (CLIP v1)")
     total = sum(timings.values())
@@ -188,6 +227,8 @@ def summarise(cfg, out: str, v0_data: dict, v1_data: dict, v0: dict, v1: dict, b
         "zeroshot_v0": v0,
         "zeroshot_v1": v1,
         "drawbench": bench["metrics"],
+        "round_trip": round_trip,
+        "conditioning": conditioning,
         "drawbench_judge": {"clip": bench["judge"], "independent": bench["judge_independent"]},
         "seconds": timings,
         "config": OmegaConf.to_container(cfg, resolve=True),

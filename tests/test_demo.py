@@ -42,3 +42,9 @@ def test_demo_runs_the_whole_flow_at_toy_size(tmp_path, monkeypatch, ray_local):
     assert summary["drawbench_judge"]["independent"]  # judged by CLIP v0, not the LDM's own text encoder (v1)
     assert (tmp_path / "demo" / "drawbench" / "report.html").exists()
     assert (tmp_path / "demo" / "ldm" / "pipeline" / "model_index.json").exists()
+    # What shows whether the models learn: the autoencoder's round trip through the world checkers (and the
+    # checkers on the originals), the UNet's conditioning gain from step 0, the empty-prompt reference, the grid.
+    assert summary["round_trip"]["scenes"] == 20 and summary["round_trip"]["original"]["correct"] >= 0.9
+    assert [e["step"] for e in summary["conditioning"]] == [0, 4] and "gain" in summary["conditioning"][-1]
+    assert "empty_prompt_correct/Colors" in summary["drawbench"]
+    assert (tmp_path / "demo" / "drawbench" / "samples.png").exists()

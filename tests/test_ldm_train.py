@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,12 +15,16 @@ import pytest
 import torch
 import webdataset as wds
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
 
+from evaluation.t2i.round_trip import round_trip_scores, world_scenes
 from pipeline.encode.run import encode
+from pipeline.eval_set.export import export_eval_set
 from pipeline.world.shards import write_world_shards
 from support import ROOT, kill_then_resume, stage_config, subprocess_env
 from training.data.transforms import EvalTransform
 from training.diffusion.autoencoder import SYMMETRIC_MEAN, SYMMETRIC_STD, psnr
+from training.errors import UserError
 from training.train import train
 
 FIXED = ["data.num_workers=0", "data.shuffle_buffer=0", "data.crop_scale=[1,1]", "trainer.enable_progress_bar=false"]
@@ -37,6 +42,8 @@ def four(tmp_path_factory):
     """Four captioned world images (32 px) and an autoencoder overfitted on them (300 steps, ≈20 s)."""
     root = tmp_path_factory.mktemp("ldm")
     shards = write_world_shards(root / "shards", 4, 4, image_size=32)
+    scenes = f"{root}/scenes"  # held-out world scenes with their truth, for the round trip through the checkers
+    export_eval_set(stage_config("eval_set", f"output={scenes}", "n=40"))
     train(
         stage_config(
             "train",
@@ -50,9 +57,38 @@ def four(tmp_path_factory):
             "checkpoint_every=1000",
             "tracking=false",
             *FIXED,
+            "+callbacks.round_trip._target_=evaluation.t2i.round_trip.RoundTripCallback",
+            f"+callbacks.round_trip.dataset={scenes}",
         )
     )
-    return {"root": root, "shards": shards, "vae": f"{root}/vae_run/vae"}
+    return {"root": root, "shards": shards, "vae": f"{root}/vae_run/vae", "scenes": scenes}
+
+
+def test_round_trip_through_the_world_checkers(four):
+    """The checkers pass the originals at the autoencoder's size; an autoencoder that draws nothing passes
+    none; the round trip of one that saw four images lies in between, and the training run wrote it."""
+    scenes = world_scenes(four["scenes"])
+    assert len(scenes) == 40 and all(set(t["checks"]) == {"colour", "count", "position"} for _, t in scenes)
+    vae = AutoencoderKL.from_pretrained(four["vae"])
+    scores = round_trip_scores(vae, scenes, batch_size=16)
+    print("round trip", scores)
+    assert scores["scenes"] == 40 and scores["original"]["correct"] >= 0.95
+    assert 0.0 <= scores["round_trip"]["correct"] <= 1.0
+    written = json.load(open(f"{four['root']}/vae_run/round_trip.json"))
+    assert written["step"] == 300 and written["round_trip"] == pytest.approx(scores["round_trip"])
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.zero_()
+        vae.decoder.conv_out.bias.fill_(0.2)  # a flat light-grey picture, whatever the latents
+    blank = round_trip_scores(vae, scenes, batch_size=16)
+    assert blank["round_trip"] == {"colour": 0.0, "count": 0.0, "position": 0.0, "correct": 0.0}
+    assert not vae.training  # left as found (from_pretrained: eval mode)
+    shutil.rmtree(f"{four['root']}/no_truth", ignore_errors=True)
+    os.makedirs(f"{four['root']}/no_truth/test")
+    with wds.TarWriter(f"{four['root']}/no_truth/test/0.tar") as sink:
+        sink.write({"__key__": "a", "jpg": b"not read", "cls": b"0"})  # a classification set: no scene
+    open(f"{four['root']}/no_truth/test/nshards.txt", "w").write("1\n")
+    with pytest.raises(UserError, match="has no .json scene"):
+        world_scenes(f"{four['root']}/no_truth")
 
 
 def test_autoencoder_overfits_and_exports_its_latent_scale(four):
@@ -91,12 +127,25 @@ def test_unet_overfits_four_captions_and_the_pipeline_draws_them_back(four, tiny
             "module.ema_decay=0.99",
             "checkpoint_every=10000",
             *FIXED,
-            "+callbacks.samples._target_=training.diffusion.export.SampleGrid",
+            "+callbacks.samples._target_=training.diffusion.monitors.SampleGrid",
             f"+callbacks.samples.prompts=[{captions[0]}]",
             "+callbacks.samples.every_n_steps=400",
             "+callbacks.samples.steps=5",
+            "+callbacks.samples.empty_column=true",
+            "+callbacks.samples.seeds=[0,1]",
+            "+callbacks.conditioning._target_=training.diffusion.monitors.ConditioningSignal",
+            "+callbacks.conditioning.every_n_steps=200",
         )
     )
+    # The conditioning signal, logged from step 0: the text removes none of a fresh UNet's error; it removes
+    # a clear share once the UNet tells four captions apart.
+    signal = json.load(open(f"{tmp_path}/run/conditioning.json"))
+    print("conditioning gain by step:", [(e["step"], round(e["gain"], 4), round(e["mean"], 4)) for e in signal])
+    assert [e["step"] for e in signal] == [0, 200, 400, 600, 800]
+    assert abs(signal[0]["gain"]) <= 0.02 and signal[-1]["gain"] >= 0.1
+    assert signal[-1]["gain"] > signal[1]["gain"]
+    grid = Image.open(f"{tmp_path}/run/samples.png")  # 2 seeds × (caption, empty prompt), 2× upscaled, labelled
+    assert grid.width == 2 * 64 and grid.height > 2 * 64
     pipeline = StableDiffusionPipeline.from_pretrained(f"{tmp_path}/run/pipeline")  # offline, from the folder alone
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
@@ -113,7 +162,23 @@ def test_unet_overfits_four_captions_and_the_pipeline_draws_them_back(four, tiny
             * 2
             - 1
         )
+        unconditional = (
+            pipeline(
+                [""] * 4,
+                num_inference_steps=50,
+                guidance_scale=5.0,
+                output_type="pt",
+                generator=[torch.Generator().manual_seed(i) for i in range(4)],
+            ).images
+            * 2
+            - 1
+        )
     assert drawn.shape == (4, 3, 32, 32)  # the configured image size
+    # The same noise with and without the caption. Without it the model draws one of its four images, which
+    # may be the caption's own (measured MSE per seed 0.19, 0.001, 0.31, 0.13): the others must lie far apart.
+    apart = (drawn - unconditional).pow(2).flatten(1).mean(1)
+    print("conditional vs unconditional sample MSE per seed:", apart.numpy().round(4))
+    assert float(apart.mean()) >= 0.08 and int((apart >= 0.05).sum()) >= 3
     errors = (drawn[:, None] - target[None]).pow(2).flatten(2).mean(2)  # (caption, image)
     own = 10 * torch.log10(4 / errors.diag())
     print(

@@ -117,6 +117,21 @@ def score_images(
     return rows
 
 
+def judge_empty_prompt(model, prompts, seeds, rows, folder, generation, batch_size, device, finder) -> None:
+    """`empty_prompt_correct` on each row: the model's image for the empty prompt with the row's seed, judged
+    against the row's truth. What the model draws from the noise alone passes some checks by chance (a
+    centred blob is "in the centre"); a model that follows its prompts must score clearly above this."""
+    generate_images(model, [Prompt("", "empty prompt")], folder, generation, batch_size, device)
+    verdicts = {}
+    for row, truth in zip(rows, [p.truth for p in prompts for _ in seeds]):
+        if truth is None:
+            continue
+        if row["seed"] not in verdicts:
+            image = Image.open(os.path.join(folder, image_file("", row["seed"]))).convert("RGB")
+            verdicts[row["seed"]] = finder(image)
+        row["empty_prompt_correct"] = float(judge(truth, verdicts[row["seed"]])["correct"])
+
+
 def _per_prompt(rows: list[dict], key: str) -> np.ndarray:
     """Mean of `key` over each prompt's images (rows with the key only), in prompt order."""
     values: dict[str, list[float]] = {}
@@ -142,7 +157,16 @@ def summarise(rows: list[dict], baseline_rows: list[dict] | None, resamples: int
     for category in [*categories, "all"]:
         chosen = [r for r in rows if category in ("all", r["category"])]
         entry = {"prompts": len({r["prompt"] for r in chosen}), "images": len(chosen)}
-        for key in ("clip_score", "correct", *CHECKS, "baseline_clip_score", "baseline_correct", "win", "win_correct"):
+        for key in (
+            "clip_score",
+            "correct",
+            "empty_prompt_correct",
+            *CHECKS,
+            "baseline_clip_score",
+            "baseline_correct",
+            "win",
+            "win_correct",
+        ):
             if any(r.get(key) is not None for r in chosen):
                 entry[key] = bootstrap_mean(_per_prompt(chosen, key), resamples, confidence)
         summary[category] = entry
@@ -197,6 +221,8 @@ def evaluate_drawbench(cfg: DictConfig) -> dict:
     baseline_rows = (
         score_images(prompts, seeds, folders["baseline"], encoder, finder, int(cfg.batch_size)) if baseline else None
     )
+    if cfg.get("empty_prompt_reference") and finder is not None:
+        judge_empty_prompt(model, prompts, seeds, rows, folders["model"], generation, batch_size, device, finder)
     summary = summarise(rows, baseline_rows, int(cfg.report.bootstrap), float(cfg.report.confidence))
     record = {
         "dataset": suite,

@@ -19,6 +19,7 @@ from training.tracking import sweep_parent_run, tracked_run
 COLUMNS = (
     ("clip_score", "CLIPScore"),
     ("correct", "correct"),
+    ("empty_prompt_correct", "correct with the empty prompt"),
     ("colour", "colour"),
     ("count", "count"),
     ("position", "position"),

@@ -1,14 +1,16 @@
 """`export_eval_set(cfg)`: a classification (and retrieval) set in clip_benchmark's webdataset layout:
 
-    {output}/{split}/nshards.txt, {output}/{split}/{i}.tar ({key}.jpg, {key}.cls, {key}.txt),
+    {output}/{split}/nshards.txt, {output}/{split}/{i}.tar ({key}.jpg, {key}.cls, {key}.txt[, {key}.json]),
     {output}/classnames.txt, {output}/zeroshot_classification_templates.txt, {output}/manifest.json
 
-From the world: scenes of one group of shapes, labelled by one attribute, at image indices no URL list uses.
+From the world: scenes of one group of shapes, labelled by one attribute, at image indices no URL list uses;
+each also carries its scene as `{key}.json` (colour, count, position, …) for the world checkers.
 From a folder: `<path>/<class name>/<image>`, classes in name order.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -40,8 +42,15 @@ def world_classnames(vocab: Vocabulary, attribute: str) -> tuple[list, list[str]
     raise StageError(f"attribute={attribute!r}; expected one of shape, colour, count, position, size, background")
 
 
+def scene_truth(scene: dict) -> dict:
+    """What the world checkers (evaluation/t2i/world_checks.py) judge an image of `scene` against: the group's
+    colour, count and position, all three checked."""
+    keys = ("kind", "shape", "colour", "count", "position", "size", "background")
+    return {**{k: scene[k] for k in keys}, "checks": ["colour", "count", "position"]}
+
+
 def world_samples(cfg: dict):
-    """(image bytes, class index, caption) for `n` held-out group scenes."""
+    """(image bytes, class index, caption, scene truth) for `n` held-out group scenes."""
     world = cfg["world"]
     vocab = Vocabulary.from_config(world)
     values, _ = world_classnames(vocab, cfg["attribute"])
@@ -52,7 +61,7 @@ def world_samples(cfg: dict):
         if scene["kind"] != "group":  # two objects: no single colour, shape or position to name
             continue
         image = encode_jpeg(render(scene, vocab, int(world["image_size"])), int(world["jpeg_quality"]))
-        yield image, "jpg", values.index(scene[cfg["attribute"]]), caption(scene, phrasing=index)
+        yield image, "jpg", values.index(scene[cfg["attribute"]]), caption(scene, phrasing=index), scene_truth(scene)
         made += 1
 
 
@@ -67,7 +76,7 @@ def folder_samples(path: str) -> tuple[list[str], list]:
             ext = IMAGE_EXTENSIONS.get(os.path.splitext(file)[1].lower())
             if ext:
                 with root.fs.open(root.path(f"{name}/{file}"), "rb") as f:
-                    samples.append((f.read(), ext, label, name.replace("_", " ")))
+                    samples.append((f.read(), ext, label, name.replace("_", " "), None))
     if not samples:
         raise StageError(f"path={path} has class folders but no .jpg/.jpeg/.png/.webp images in them")
     return [c.replace("_", " ") for c in classes], samples
@@ -92,11 +101,14 @@ def export_eval_set(cfg: DictConfig | dict) -> dict:
     out.remove(MANIFEST)
     hashes, per_class = {}, [0] * len(classnames)
     writer, shard, count = None, 0, 0
-    for image, ext, label, text in samples:
+    for image, ext, label, text, truth in samples:
         if writer is None:
             name = f"{cfg['split']}/{shard}.tar"
             writer = TarSampleWriter(out, name)
-        writer.add({"__key__": f"s{count:07d}", ext: image, "cls": str(label).encode(), "txt": text.encode()})
+        sample = {"__key__": f"s{count:07d}", ext: image, "cls": str(label).encode(), "txt": text.encode()}
+        if truth is not None:  # world scenes: what the autoencoder's round trip is judged against
+            sample["json"] = json.dumps(truth).encode()
+        writer.add(sample)
         per_class[label] += 1
         count += 1
         if writer.samples == int(cfg["samples_per_shard"]):

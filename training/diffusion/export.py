@@ -1,12 +1,11 @@
 """What leaves a diffusion run: the autoencoder as an `AutoencoderKL` folder (with the latent scale measured
 on the data), the text-to-image model as a diffusers pipeline folder that `StableDiffusionPipeline
-.from_pretrained` opens, and sample grids for fixed prompts in MLflow while training runs. Folders are
-replaced atomically, so a reader never sees half of one."""
+.from_pretrained` opens. Folders are replaced atomically, so a reader never sees half of one. (What a run
+shows of itself while it trains, sample grids and the conditioning signal, is in monitors.py.)"""
 
 from __future__ import annotations
 
 import pytorch_lightning as pl
-import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
@@ -84,46 +83,3 @@ class ExportVae(FolderExport):
         if trainer.logger:
             trainer.logger.log_metrics({"vae/scaling_factor": scale}, step=trainer.global_step)
         return vae.save_pretrained
-
-
-class SampleGrid(pl.Callback):
-    """Every `every_n_steps`, the EMA model draws `prompts` (fixed seed, same noise each time) and the grid
-    goes to MLflow as the image series `samples` (the run page's slider over steps)."""
-
-    def __init__(
-        self,
-        prompts: list[str],
-        every_n_steps: int = 500,
-        steps: int = 20,
-        guidance_scale: float = 5.0,
-        sampler: str = "dpm",
-        seed: int = 0,
-    ):
-        self.prompts, self.every_n_steps = list(prompts), int(every_n_steps)
-        self.steps, self.guidance_scale, self.sampler, self.seed = int(steps), float(guidance_scale), sampler, int(seed)
-        self._drawn_at: int | None = None
-
-    @torch.no_grad()
-    def draw(self, trainer, pl_module) -> Image.Image | None:
-        pipeline = gather_pipeline(trainer, pl_module, self.sampler)
-        if pipeline is None:
-            return None
-        pipeline.set_progress_bar_config(disable=True)
-        pipeline.to(pl_module.device)
-        images = pipeline(
-            self.prompts,
-            num_inference_steps=self.steps,
-            guidance_scale=self.guidance_scale,
-            generator=torch.Generator(pl_module.device).manual_seed(self.seed),
-        ).images
-        return image_grid(images, columns=min(len(images), 8))
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step % self.every_n_steps or step == self._drawn_at:
-            return
-        self._drawn_at = step
-        grid = self.draw(trainer, pl_module)
-        if grid is not None and trainer.logger and trainer.logger.experiment:
-            trainer.logger.experiment.log_image(grid, key="samples", step=step)
-        trainer.strategy.barrier("samples")
