@@ -4,7 +4,7 @@
 Each recipe trains the autoencoder and the latent diffusion UNet as the demo does (conf/experiment/demo_vae,
 demo_ldm, plus the recipe's overrides) on the demo's CLIP-filtered shards, conditioned on its CLIP v1, then:
 - the autoencoder's round trip of 300 held-out world scenes through the world checkers (the LDM's ceiling);
-- the conditioning signal ‖ε(c) − ε(∅)‖/‖ε(∅)‖ of the EMA UNet at the end of training;
+- the conditioning gain of the EMA UNet at the end of training (the share of its error that the caption removes);
 - the world suite (as the demo: 10 prompts per category, 2 seeds) judged by the ground-truth checkers, beside
   the same model's empty-prompt images judged against the same prompts.
 A recipe whose autoencoder is the same as an earlier one's reuses it.
@@ -13,6 +13,7 @@ A recipe whose autoencoder is the same as an earlier one's reuses it.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import time
@@ -28,6 +29,11 @@ RECIPES = {  # name → (autoencoder overrides, UNet overrides), on top of the d
 CATEGORIES = ("Colors", "Counting", "Positional")
 
 
+def filter_of(demo: str, shards: str) -> dict:
+    with open(f"{demo}/selection/{os.path.basename(shards)}/manifest.json") as f:
+        return json.load(f)["config"]["filter"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", default=os.path.join(ROOT, "data", "demo"), help="a finished demo's output")
@@ -35,8 +41,14 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "ldm_learning"))
     args = parser.parse_args()
     demo = os.path.abspath(args.demo)
-    shards = json.load(open(f"{demo}/summary.json"))["config"]["output"] + "/shards_clip"
-    shards = shards if os.path.isdir(shards) else f"{demo}/shards_clip"
+    shards = [  # the demo's CLIP-filtered shards: those whose filter ran the clip_score rule
+        path
+        for path in sorted(glob.glob(f"{demo}/shards/*"))
+        if "clip_score" in filter_of(demo, path)["config"]["filter"]
+    ]
+    if not shards:
+        raise SystemExit(f"--demo {demo} holds no CLIP-filtered shards: run make demo first")
+    shards = shards[-1]
     quiet = ["tracking=false", "data.num_workers=0"]
     rows, autoencoders = [], {}
     for name, (vae_overrides, ldm_overrides) in RECIPES.items():
@@ -85,11 +97,15 @@ def main() -> None:
             )
         )
         round_trip = json.load(open(f"{vae}/round_trip.json"))["round_trip"]["correct"]
-        signal = json.load(open(f"{out}/ldm/conditioning.json"))[-1]["mean"]
-        cells = {c: (bench["categories"][c]["correct"]["mean"], bench["categories"][c]["empty_prompt_correct"]["mean"]) for c in CATEGORIES}
+        signal = json.load(open(f"{out}/ldm/conditioning.json"))[-1]["gain"]
+        categories = bench["categories"]
+        cells = {}
+        for c in CATEGORIES:
+            cells[c] = (categories[c]["correct"]["mean"], categories[c]["empty_prompt_correct"]["mean"])
         rows.append((name, round_trip, signal, cells, seconds))
 
-    print("\n| recipe | round trip | conditioning | " + " | ".join(f"{c} (empty)" for c in CATEGORIES) + " | train s |")
+    header = " | ".join(f"{c} (empty)" for c in CATEGORIES)
+    print(f"\n| recipe | round trip | conditioning gain | {header} | train s |")
     print("|---|---:|---:|" + "---:|" * len(CATEGORIES) + "---:|")
     for name, round_trip, signal, cells, seconds in rows:
         scores = " | ".join(f"{cells[c][0]:.2f} ({cells[c][1]:.2f})" for c in CATEGORIES)
