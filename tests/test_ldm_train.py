@@ -151,28 +151,13 @@ def test_unet_overfits_four_captions_and_the_pipeline_draws_them_back(four, tiny
     pipeline.set_progress_bar_config(disable=True)
     with torch.no_grad():
         target = pipeline.vae.decode(pipeline.vae.encode(pixels).latent_dist.mode()).sample.clamp(-1, 1)
-        drawn = (
-            pipeline(
-                captions,
-                num_inference_steps=50,
-                guidance_scale=5.0,
-                output_type="pt",
-                generator=[torch.Generator().manual_seed(i) for i in range(4)],
-            ).images
-            * 2
-            - 1
-        )
-        unconditional = (
-            pipeline(
-                [""] * 4,
-                num_inference_steps=50,
-                guidance_scale=5.0,
-                output_type="pt",
-                generator=[torch.Generator().manual_seed(i) for i in range(4)],
-            ).images
-            * 2
-            - 1
-        )
+
+        def sample(prompts):  # in [-1, 1], image i from seed i
+            generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+            out = pipeline(prompts, num_inference_steps=50, guidance_scale=5.0, output_type="pt", generator=generators)
+            return out.images * 2 - 1
+
+        drawn, unconditional = sample(captions), sample([""] * 4)
     assert drawn.shape == (4, 3, 32, 32)  # the configured image size
     # The same noise with and without the caption. Without it the model draws one of its four images, which
     # may be the caption's own (measured MSE per seed 0.19, 0.001, 0.31, 0.13): the others must lie far apart.
