@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.world import World, WorldServer
-from support import CONF, crawl_config, read_rows, stage_config, world_config
+from support import CONF, crawl_config, mlflow_server, read_rows, stage_config, world_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset's albumentations phones home on import
@@ -109,3 +109,12 @@ def annotated(tmp_path_factory, default_world_raw, tiny_clip):
         )
     )
     return str(out), manifest
+
+
+@pytest.fixture(scope="session")
+def shared_mlflow_server(tmp_path_factory):
+    """One real `mlflow server` on 127.0.0.1 for the tests that only log to one, each to an experiment no other
+    test on it uses (pixelmill: the filter's; pixelmill-zeroshot: evaluation's); yields its URI. Tests that stop
+    their server in the middle have their own."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow_server")) as uri:
+        yield uri

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -88,6 +89,23 @@ class StepDelay(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         time.sleep(self.seconds)
+
+
+class HoldAtStep(pl.Callback):
+    """Training waits after step `step` until the file `until` exists, `timeout_s` at most
+    (`+callbacks.hold._target_=support.HoldAtStep`, tests/ on PYTHONPATH): a run still going when the test has
+    done what it does in the middle of it, without a run made long for it."""
+
+    def __init__(self, step: int, until: str, timeout_s: float = 180):
+        self.step, self.until, self.timeout_s, self.held = int(step), str(until), float(timeout_s), False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.held or trainer.global_step < self.step:
+            return
+        self.held = True
+        deadline = time.time() + self.timeout_s
+        while not os.path.exists(self.until) and time.time() < deadline:
+            time.sleep(0.1)
 
 
 # pipeline.run as a test runs it on the world: loopback allowed, small images, quick retries, no bars.
@@ -194,6 +212,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, whatever http_proxy says
+
+
 def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
     """A real `mlflow server` on 127.0.0.1:`port` (sqlite store and artifacts under `folder`), once it
     answers. Started again on the same folder and port, it is the same server after a restart."""
@@ -220,15 +241,17 @@ def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
         start_new_session=True,
     )
     deadline = time.time() + 90
-    while True:
+    while True:  # until it answers HTTP (its port listens before its worker does, on a busy machine seconds before)
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return server
+            with _NO_PROXY.open(f"http://127.0.0.1:{port}/health", timeout=5) as answer:
+                if answer.status == 200:
+                    return server
         except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                stop_mlflow_server(server)
-                raise AssertionError("mlflow server did not start") from None
-            time.sleep(0.5)
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            stop_mlflow_server(server)
+            raise AssertionError("mlflow server did not start")
+        time.sleep(0.25)
 
 
 def stop_mlflow_server(server: subprocess.Popen) -> None:

@@ -19,6 +19,7 @@ from training.clip.model import ContrastiveClip, load_clip
 from training.data.datamodule import ShardStream
 from training.data.shards import list_shards
 from training.data.transforms import EvalTransform
+from training.errors import _user_error
 from training.train import train
 
 # Sixty-four pairs, one shard, no shuffling or cropping: every run sees the same batches in the same order.
@@ -102,8 +103,9 @@ def test_tiny_clip_overfits_64_pairs_and_exports_a_transformers_folder(pairs64, 
     assert CLIPModel.from_pretrained(str(out / "clip")).logit_scale.exp() <= 100.0
 
 
-def test_ddp_and_fsdp_follow_the_single_process_loss(pairs64, tmp_path):
-    """Global batch 16 for 8 steps: one process × 16, and 2 processes × 8 under DDP and FSDP2 (gloo on CPU).
+def test_ddp_and_fsdp_follow_the_single_process_loss(pairs64, tmp_path, monkeypatch):
+    """Global batch 16 for 8 steps: one process × 16 (train() in this process, as tests/test_ray_fsdp.py's
+    reference), and 2 processes × 8 under DDP and FSDP2 (gloo on CPU), each a command as a user runs it.
     Each rank's share of a batch is every other sample of the single run's batch, so the global batches are
     the same sets and the loss is the same function; only float summation order differs (measured: ≤ 2e-6
     after 8 AdamW steps), so 1e-4 leaves room for other CPUs while any real mismatch (a missing gather, a
@@ -117,13 +119,9 @@ def test_ddp_and_fsdp_follow_the_single_process_loss(pairs64, tmp_path):
         *SAME_DATA,
     ]
     single_uri = f"sqlite:///{tmp_path}/single.db"
-    subprocess.run(
-        _command(*common, "data.batch_size=16", f"output={tmp_path}/single", f"hydra.run.dir={tmp_path}/h0"),
-        env=subprocess_env(single_uri),
-        check=True,
-        capture_output=True,
-        cwd=ROOT,
-    )
+    with monkeypatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", single_uri)
+        train(stage_config("train", *common, "data.batch_size=16", f"output={tmp_path}/single"))
     reference = _losses(single_uri)
     assert len(reference) == 8
     for strategy in ("ddp", "fsdp"):
@@ -159,19 +157,19 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_final_step(tmp_path):
         "data.batch_size=8",
         "data.num_workers=2",
         "data.val_shards=1",
-        "trainer.max_steps=400",
+        "trainer.max_steps=120",
         "checkpoint_every=10",
         "trainer.log_every_n_steps=5",
         "trainer.enable_progress_bar=false",
         f"hydra.run.dir={tmp_path}/hydra",
     )
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    killed_at = kill_then_resume(command, last, kill_at=30, final_step=400, env=subprocess_env(uri))
-    assert checkpoint_step(last) == 400
+    killed_at = kill_then_resume(command, last, kill_at=30, final_step=120, env=subprocess_env(uri))
+    assert checkpoint_step(last) == 120
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("pixelmill-clip").experiment_id])  # one run, continued
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert max(steps) == 399 and min(steps) < killed_at
+    assert max(steps) == 119 and min(steps) < killed_at
     corrupt = client.get_metric_history(run.info.run_id, "data/corrupt_skipped")
     assert max(m.value for m in corrupt) >= 1  # the truncated JPEG was met, skipped and counted
     assert run.data.params["data.batch_size"] == "8" and "val/loss" in run.data.metrics
@@ -179,20 +177,28 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_final_step(tmp_path):
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, pairs64):
-    for args, needle in (
+    """The first bad input through the command as a user runs it (exit status 2, one `error:` line); the
+    other through train() in this process, which must refuse it with the one-line UserError that command
+    prints."""
+    (args, needle), (other_args, other_needle) = (
         (["data.path=/nonexistent/shards"], "/nonexistent/shards"),
         ([f"data.path={pairs64}", "model=clip_pretrained", "model.path=/no/such/model"], "/no/such/model"),
-    ):
-        result = subprocess.run(
-            _command(*args, f"output={tmp_path}/bad", "tracking=false", f"hydra.run.dir={tmp_path}/h"),
-            env=subprocess_env("sqlite:///unused.db"),
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        )
-        assert result.returncode == 2
-        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and needle in errors[0]
+    )
+    result = subprocess.run(
+        _command(*args, f"output={tmp_path}/bad", "tracking=false", f"hydra.run.dir={tmp_path}/h"),
+        env=subprocess_env("sqlite:///unused.db"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0]
+    with pytest.raises(Exception) as raised:
+        train(stage_config("train", *other_args, f"output={tmp_path}/bad", "tracking=false", *SAME_DATA))
+    refusal = _user_error(raised.value)  # what run_command prints as `error: <refusal>`, then exit 2
+    assert refusal is not None, raised.value
+    assert other_needle in str(refusal) and "\n" not in str(refusal), str(refusal)
 
 
 def test_siglip_bf16_checkpointing_and_accumulation_run(pairs64, tmp_path):
@@ -263,29 +269,35 @@ def test_fine_tuning_a_clip_folder_keeps_its_tokenizer_and_decays_only_matrices(
     assert not torch.equal(tuned.model.text_projection.weight, before)  # it trained
 
 
-def test_compiled_blocks_train_like_eager_ones(pairs64, tmp_path):
-    """`module.compile=true` compiles every transformer block (inductor on CPU, ~30 s here): the same
-    three steps give the same losses as eager execution, up to kernel rounding."""
+def test_compiled_blocks_train_like_eager_ones(pairs64, tmp_path, monkeypatch):
+    """`module.compile=true` compiles every transformer block (inductor on CPU, ~30 s here; a command of its
+    own, so that no compiled state stays in the test process): the same three steps give the same losses as
+    eager execution (train() in this process), up to kernel rounding."""
     losses = {}
     for compiled in ("false", "true"):
         uri = f"sqlite:///{tmp_path}/{compiled}.db"
-        result = subprocess.run(
-            _command(
-                f"data.path={pairs64}",
-                f"output={tmp_path}/{compiled}",
-                f"module.compile={compiled}",
-                "data.batch_size=16",
-                "trainer.max_steps=3",
-                "trainer.log_every_n_steps=1",
-                f"hydra.run.dir={tmp_path}/h{compiled}",
-                *SAME_DATA,
-            ),
-            env=subprocess_env(uri),
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+        options = [
+            f"data.path={pairs64}",
+            f"output={tmp_path}/{compiled}",
+            f"module.compile={compiled}",
+            "data.batch_size=16",
+            "trainer.max_steps=3",
+            "trainer.log_every_n_steps=1",
+            *SAME_DATA,
+        ]
+        if compiled == "false":
+            with monkeypatch.context() as env:
+                env.setenv("MLFLOW_TRACKING_URI", uri)
+                train(stage_config("train", *options))
+        else:
+            result = subprocess.run(
+                _command(*options, f"hydra.run.dir={tmp_path}/h{compiled}"),
+                env=subprocess_env(uri),
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+            )
+            assert result.returncode == 0, result.stderr[-3000:]
         losses[compiled] = _losses(uri)
     assert len(losses["true"]) == 3
     assert max(abs(a - b) for a, b in zip(losses["true"], losses["false"])) <= 1e-3, losses

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from evaluation.run import evaluate
 from pipeline.eval_set.export import export_eval_set
 from pipeline.world.shards import write_world_shards
-from support import CONF, eval_config, mlflow_server, stage_config
+from support import CONF, eval_config, stage_config
 from training.train import train
 
 # Shapes drawn large enough to tell apart at the tiny model's 32 px.
@@ -87,35 +87,37 @@ def test_world_clip_beats_chance_and_the_callback_agrees_with_the_command(traine
     assert last == pytest.approx(colour["acc1"], abs=1e-6)
 
 
-def test_results_reach_a_real_mlflow_server_with_tables_pictures_and_lineage(trained, tmp_path, monkeypatch):
-    with mlflow_server(tmp_path) as uri:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        record = evaluate(
-            eval_config(
-                f"clip={trained['model']}",
-                f"dataset={trained['sets']['colour']}",
-                f"output={tmp_path}/colour.json",
-                "progress=false",
+def test_results_reach_a_real_mlflow_server_with_tables_pictures_and_lineage(
+    trained, shared_mlflow_server, tmp_path, monkeypatch
+):
+    uri = shared_mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    record = evaluate(
+        eval_config(
+            f"clip={trained['model']}",
+            f"dataset={trained['sets']['colour']}",
+            f"output={tmp_path}/colour.json",
+            "progress=false",
+        )
+    )
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("pixelmill-zeroshot")  # one experiment per task
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.metrics["acc1"] == pytest.approx(record["metrics"]["acc1"])
+    assert run.data.metrics["mean_per_class_recall"] == pytest.approx(record["metrics"]["mean_per_class_recall"])
+    training_run = json.load(open(f"{trained['root']}/run/mlflow_run.json"))["run_id"]
+    assert run.data.tags["pixelmill.model_run_id"] == training_run
+    assert run.data.tags["pixelmill.dataset_hash"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"per_class.json", "confusion_matrix.png", "results.json"} <= artifacts
+    table = json.load(
+        open(
+            mlflow.artifacts.download_artifacts(
+                run_id=run.info.run_id, artifact_path="per_class.json", dst_path=str(tmp_path / "dl")
             )
         )
-        client = mlflow.MlflowClient(uri)
-        experiment = client.get_experiment_by_name("pixelmill-zeroshot")  # one experiment per task
-        (run,) = client.search_runs([experiment.experiment_id])
-        assert run.data.metrics["acc1"] == pytest.approx(record["metrics"]["acc1"])
-        assert run.data.metrics["mean_per_class_recall"] == pytest.approx(record["metrics"]["mean_per_class_recall"])
-        training_run = json.load(open(f"{trained['root']}/run/mlflow_run.json"))["run_id"]
-        assert run.data.tags["pixelmill.model_run_id"] == training_run
-        assert run.data.tags["pixelmill.dataset_hash"]
-        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"per_class.json", "confusion_matrix.png", "results.json"} <= artifacts
-        table = json.load(
-            open(
-                mlflow.artifacts.download_artifacts(
-                    run_id=run.info.run_id, artifact_path="per_class.json", dst_path=str(tmp_path / "dl")
-                )
-            )
-        )
-        assert table["columns"] == ["class", "support", "recall"] and len(table["data"]) == 6
+    )
+    assert table["columns"] == ["class", "support", "recall"] and len(table["data"]) == 6
 
 
 def _retrieval_set(folder, n: int = 100):

@@ -24,7 +24,7 @@ from pipeline.world.shards import write_world_shards
 from support import ROOT, kill_then_resume, stage_config, subprocess_env
 from training.data.transforms import EvalTransform
 from training.diffusion.autoencoder import SYMMETRIC_MEAN, SYMMETRIC_STD, psnr
-from training.errors import UserError
+from training.errors import UserError, _user_error
 from training.train import train
 
 FIXED = ["data.num_workers=0", "data.shuffle_buffer=0", "data.crop_scale=[1,1]", "trainer.enable_progress_bar=false"]
@@ -278,39 +278,42 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_final_step(four, tiny_
         f"output={tmp_path}/run",
         "data.batch_size=4",
         "data.num_workers=2",
-        "trainer.max_steps=250",
+        "trainer.max_steps=80",
         "checkpoint_every=10",
         "trainer.enable_progress_bar=false",
         f"hydra.run.dir={tmp_path}/hydra",
     )
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    kill_then_resume(command, last, kill_at=20, final_step=250, env=subprocess_env(uri))
+    kill_then_resume(command, last, kill_at=20, final_step=80, env=subprocess_env(uri))
     checkpoint = torch.load(last, weights_only=False)
-    assert checkpoint["global_step"] == 250
+    assert checkpoint["global_step"] == 80
     assert any(k.startswith("ema.") for k in checkpoint["state_dict"])  # the EMA weights resume too
 
 
 def test_bad_input_is_one_line_and_exit_2(four, tiny_clip, tmp_path):
+    """One command as a user runs it (exit status 2, one `error:` line); the other bad inputs through
+    train() in this process, which must refuse them with the one-line UserError that command prints."""
     cases = (
         (["vae=/no/such/vae", f"clip={tiny_clip}"], "vae=/no/such/vae"),
         ([f"vae={four['vae']}", "clip=/no/such/clip"], "clip=/no/such/clip"),
         ([f"vae={four['vae']}", f"clip={tiny_clip}", "image_size=30"], "image_size=30"),
     )
-    for args, needle in cases:
-        result = subprocess.run(
-            _command(
-                f"data.path={four['shards']}",
-                *args,
-                f"output={tmp_path}/bad",
-                "tracking=false",
-                f"hydra.run.dir={tmp_path}/h",
-            ),
-            env=subprocess_env(),
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        )
-        assert result.returncode == 2, result.stderr[-2000:]
-        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and needle in errors[0], result.stderr[-2000:]
+    (args, needle), *others = cases
+    common = [f"data.path={four['shards']}", f"output={tmp_path}/bad", "tracking=false"]
+    result = subprocess.run(
+        _command(*common, *args, f"hydra.run.dir={tmp_path}/h"),
+        env=subprocess_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], result.stderr[-2000:]
+    for args, needle in others:
+        with pytest.raises(Exception) as raised:
+            train(stage_config("train", "task=ldm", *common, *args, *FIXED))
+        refusal = _user_error(raised.value)  # what run_command prints as `error: <refusal>`, then exit 2
+        assert refusal is not None, raised.value
+        assert needle in str(refusal) and "\n" not in str(refusal), str(refusal)

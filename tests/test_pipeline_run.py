@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from pipeline.filter.run import filter_samples
-from support import PIPELINE_RUN, mlflow_server, stage_config
+from support import PIPELINE_RUN, stage_config
 
 
 @pytest.mark.slow
@@ -108,18 +108,18 @@ def test_threshold_sweep_trains_and_evaluates_a_model_per_value(world_lists, tin
 
 
 @pytest.mark.slow
-def test_filter_logs_to_a_real_mlflow_server(annotated, tmp_path, monkeypatch):
+def test_filter_logs_to_a_real_mlflow_server(annotated, shared_mlflow_server, tmp_path, monkeypatch):
     import mlflow
 
-    with mlflow_server(tmp_path) as uri:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        meta_dir, _ = annotated
-        manifest = filter_samples(stage_config("filtering", f"input={meta_dir}", f"output={tmp_path / 'sel'}"))
-        mlflow.set_tracking_uri(uri)
-        runs = mlflow.search_runs(experiment_names=["pixelmill"])
-        assert len(runs) == 1 and runs["metrics.filter.kept"].iloc[0] == manifest["counts"]["kept"]
-        assert runs["tags.data.meta_hash"].iloc[0] == manifest["input_content_hash"]
-        png = mlflow.artifacts.download_artifacts(
-            run_id=runs["run_id"].iloc[0], artifact_path="filter/funnel.png", dst_path=str(tmp_path / "dl")
-        )
-        assert open(png, "rb").read(4) == b"\x89PNG"
+    uri = shared_mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    meta_dir, _ = annotated
+    manifest = filter_samples(stage_config("filtering", f"input={meta_dir}", f"output={tmp_path / 'sel'}"))
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["pixelmill"])
+    assert len(runs) == 1 and runs["metrics.filter.kept"].iloc[0] == manifest["counts"]["kept"]
+    assert runs["tags.data.meta_hash"].iloc[0] == manifest["input_content_hash"]
+    png = mlflow.artifacts.download_artifacts(
+        run_id=runs["run_id"].iloc[0], artifact_path="filter/funnel.png", dst_path=str(tmp_path / "dl")
+    )
+    assert open(png, "rb").read(4) == b"\x89PNG"

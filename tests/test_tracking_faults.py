@@ -12,6 +12,7 @@ import sys
 import time
 
 import mlflow
+import pytest
 
 from pipeline.world.shards import write_world_shards
 from support import (
@@ -32,6 +33,39 @@ SHORT_RETRIES = {
     "PIXELMILL_TRACKING_RETRY_S": "1",
 }
 OUTAGE_S = 6  # three retry windows
+
+
+class RestartableServer:
+    """A real `mlflow server` on one folder and port that a test stops and starts again: after a restart it
+    is the same server (same store, same URI)."""
+
+    def __init__(self, folder, port: int):
+        self.folder, self.port, self.uri, self.process = folder, port, f"http://127.0.0.1:{port}", None
+
+    def start(self) -> None:
+        self.process = start_mlflow_server(self.folder, self.port)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_mlflow_server(self.process)
+            self.process = None
+
+    def ensure_running(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            self.start()
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    """One server for the module's outage tests (each logs to its own experiment, stops the server in the
+    middle and starts it again): one start of `mlflow server` (~10 s) fewer than a server per test."""
+    folder = tmp_path_factory.mktemp("server")
+    server = RestartableServer(folder, free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def _wait(condition, timeout_s: float, what: str, process: subprocess.Popen | None = None) -> None:
@@ -74,16 +108,18 @@ def test_an_unreachable_tracking_server_stops_a_command_at_start_in_one_line(tmp
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["hydra"]  # before any work: Hydra's log alone
 
 
-def test_training_goes_on_through_a_tracking_outage_and_every_call_arrives_once(tmp_path):
+def test_training_goes_on_through_a_tracking_outage_and_every_call_arrives_once(tracking_server, tmp_path):
     shards = write_world_shards(tmp_path / "shards", 160, 20, image_size=32)
-    server_dir, port = tmp_path / "server", free_port()
-    server_dir.mkdir()
-    uri = f"http://127.0.0.1:{port}"
-    server = start_mlflow_server(server_dir, port)
-    output, steps = tmp_path / "run", 160
+    server = tracking_server
+    server.ensure_running()
+    uri = server.uri
+    output, steps = tmp_path / "run", 70
     last = output / "checkpoints" / "last.ckpt"
-    delay = ["+callbacks.delay._target_=support.StepDelay", "+callbacks.delay.seconds=0.1"]  # 16 s at least
-    command = _train_command(shards, output, f"trainer.max_steps={steps}", "checkpoint_every=5", *delay)
+    delay = ["+callbacks.delay._target_=support.StepDelay", "+callbacks.delay.seconds=0.1"]  # 7 s at least
+    # … and after step 50 it waits until the server is back: the replay happens during the run, not at its end.
+    back = tmp_path / "server_is_back"
+    hold = ["+callbacks.hold._target_=support.HoldAtStep", "+callbacks.hold.step=50", f"+callbacks.hold.until={back}"]
+    command = _train_command(shards, output, f"trainer.max_steps={steps}", "checkpoint_every=5", *delay, *hold)
     log = open(tmp_path / "train.log", "w")
     process = subprocess.Popen(
         command,
@@ -94,13 +130,14 @@ def test_training_goes_on_through_a_tracking_outage_and_every_call_arrives_once(
     )
     try:
         _wait(lambda: checkpoint_step(last) >= 5, 120, "step 5", process)
-        stop_mlflow_server(server)
+        server.stop()
         stopped_at, outage = checkpoint_step(last), time.time()
         journal = output / "mlflow_journal"
         _wait(lambda: time.time() - outage > OUTAGE_S and checkpoint_step(last) >= stopped_at + 15, 120,
               "training to go on without the server", process)  # fmt: skip
         assert any(p.stat().st_size for p in journal.glob("*.jsonl"))  # the calls wait in the journal
-        server = start_mlflow_server(server_dir, port)
+        server.start()
+        back.touch()
         assert process.wait(timeout=300) == 0, (tmp_path / "train.log").read_text()[-3000:]
         text = (tmp_path / "train.log").read_text()
         assert text.count(f"warning: MLflow at {uri} is not answering") == 1  # warned once
@@ -122,15 +159,17 @@ def test_training_goes_on_through_a_tracking_outage_and_every_call_arrives_once(
     finally:
         if process.poll() is None:
             process.kill()
-        stop_mlflow_server(server)
 
 
-def test_a_pipeline_run_ends_while_the_server_is_down_and_sync_sends_the_rest(world_lists, tiny_clip, tmp_path):
+def test_a_pipeline_run_ends_while_the_server_is_down_and_sync_sends_the_rest(
+    world_lists, tiny_clip, tracking_server, tmp_path, monkeypatch, capsys
+):
+    from training.tracking.__main__ import main as tracking_command
+
     urls, _ = world_lists
-    server_dir, port = tmp_path / "server", free_port()
-    server_dir.mkdir()
-    uri = f"http://127.0.0.1:{port}"
-    server = start_mlflow_server(server_dir, port)
+    server = tracking_server
+    server.ensure_running()
+    uri = server.uri
     output = tmp_path / "out"
     command = [sys.executable, "-m", "pipeline.run", f"input={urls}", f"output={output}", f"clip={tiny_clip}"]
     command += [*PIPELINE_RUN, "crawl.ray.num_cpus=2", f"hydra.run.dir={tmp_path}/hydra"]
@@ -146,25 +185,26 @@ def test_a_pipeline_run_ends_while_the_server_is_down_and_sync_sends_the_rest(wo
     process = subprocess.Popen(command, cwd=tmp_path, env=env, **pipes)
     try:
         _wait(run_started, 240, "the pipeline's MLflow run", process)
-        stop_mlflow_server(server)
+        server.stop()
         out, err = process.communicate(timeout=240)  # ends with the server still down
         assert process.returncode == 0, err[-3000:]
         hint = f"python -m training.tracking sync {output}"
         assert hint in err and err.count("warning: MLflow at") == 1
         assert list((output / "mlflow_journal").glob("*.jsonl"))
 
-        server = start_mlflow_server(server_dir, port)
+        server.start()
         synced = subprocess.run(
             [sys.executable, "-m", "training.tracking", "sync", str(output)],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert synced.returncode == 0, synced.stderr[-2000:]
         assert "sent" in synced.stdout
-        again = subprocess.run(
-            [sys.executable, "-m", "training.tracking", "sync", str(output)],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert "sent 0 call(s)" in again.stdout  # nothing twice
+        for name, value in env.items():  # the same command again, in this process (one launch fewer)
+            if name.startswith(("MLFLOW_", "PIXELMILL_")):
+                monkeypatch.setenv(name, value)
+        capsys.readouterr()
+        assert tracking_command(["sync", str(output)]) == 0
+        assert "sent 0 call(s)" in capsys.readouterr().out  # nothing twice
         (run,) = client.search_runs([client.get_experiment_by_name("pixelmill").experiment_id])
         shard_manifest = json.load(open(next((output / "shards").glob("*/manifest.json"))))
         assert run.data.metrics["shard.samples"] == shard_manifest["counts"]["samples"]
@@ -187,7 +227,6 @@ def test_a_pipeline_run_ends_while_the_server_is_down_and_sync_sends_the_rest(wo
     finally:
         if process.poll() is None:
             process.kill()
-        stop_mlflow_server(server)
 
 
 def test_a_call_the_store_refuses_is_set_aside_and_the_rest_arrives(tmp_path, capsys):

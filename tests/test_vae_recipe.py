@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from pipeline.world.shards import write_world_shards
 from support import CONF, ROOT, stage_config, subprocess_env
 from training.diffusion.autoencoder import edge_sharpness
-from training.diffusion.autoencoder_module import VaeTraining
+from training.diffusion.autoencoder_module import VaeTraining, hard_pixel_l1
 from training.diffusion.perceptual import LpipsLoss, StructuralLoss, fitted_window, ssim
 from training.errors import UserError
 from training.train import train
@@ -194,9 +194,42 @@ def test_ddp_runs_the_adaptive_weight_on_each_rank(tmp_path):
     assert "step 4, 2 process(es)" in result.stdout
 
 
+@pytest.mark.parametrize("side", [2, 4, 8])
+def test_hard_pixels_weigh_a_small_object_whatever_its_area(side):
+    """A wrong object of side² pixels on a right background: its share of the per-pixel mean shrinks with its area,
+    the hard-pixel term (worst 5% of pixels) stays the object's own error while the object fits in those 5%."""
+    pixels = torch.zeros(2, 3, 32, 32)
+    reconstruction = pixels.clone()
+    reconstruction[:, :, :side, :side] = 0.8  # the object comes back wrong by 0.8 per channel
+    error = (reconstruction - pixels).abs()
+    area = side * side / 1024
+    assert float(error.mean()) == pytest.approx(0.8 * area)
+    hard = float(hard_pixel_l1(error, 0.05))
+    expected = 0.8 * min(1.0, side * side / round(0.05 * 1024))  # 51 hardest pixels: the object, then zeros
+    assert hard == pytest.approx(expected, rel=1e-5)
+    if side <= 4:
+        assert hard / float(error.mean()) > 15  # a 4×4 object weighs ≥ 20× its area's share
+
+
+def test_hard_pixel_term_adds_to_the_reconstruction_loss_and_refuses_a_bad_fraction():
+    plain, hard = _module(), _module()
+    hard.hard_pixel_fraction, hard.hard_pixel_weight = 0.05, 3.0
+    torch.manual_seed(2)
+    terms = {name: m.reconstruction_terms(m.reconstruct(_pictures())[0], _pictures()) for name, m in
+             (("plain", plain), ("hard", hard))}  # fmt: skip
+    assert "hard_pixels" not in terms["plain"]
+    extra = terms["hard"]["reconstruction"] - terms["hard"]["l1"] - terms["hard"]["perceptual"]
+    assert float(extra) == pytest.approx(3.0 * float(terms["hard"]["hard_pixels"]), rel=1e-5)
+    assert float(terms["hard"]["hard_pixels"]) > float(terms["hard"]["l1"])
+    vae = instantiate(OmegaConf.load(CONF / "model" / "vae_tiny.yaml"))
+    with pytest.raises(UserError, match="hard_pixel_fraction=1.5"):
+        VaeTraining(vae, optimizer=torch.optim.AdamW, hard_pixel_fraction=1.5)
+
+
 def test_task_default_is_the_sd_recipe_and_the_demo_keeps_its_perceptual_term():
     task = stage_config("train", "task=vae", "data.path=shards", "output=out").module
     assert task.perceptual._target_.endswith("StructuralLoss") and task.discriminator is not None
     assert task.adaptive_discriminator_weight and task.discriminator_weight == 0.5
     demo = stage_config("train", "+experiment=demo_vae", "data.path=shards", "output=out").module
     assert demo.perceptual._target_.endswith("StructuralLoss") and demo.discriminator is None
+    assert task.hard_pixel_fraction == 0 and demo.hard_pixel_fraction == 0.05  # SD's recipe; the world's objects

@@ -203,7 +203,7 @@ def test_ray_train_restarts_a_killed_worker_from_the_last_checkpoint(ray_local, 
     """2 DDP workers under Ray Train (this test's local Ray), a checkpoint every step; one worker killed at
     step 10 or so: Ray Train starts both again, they resume from last.ckpt and finish at the same final step,
     with a whole export, and the launcher says it restarted them."""
-    steps = 60
+    steps = 40
     shards = write_world_shards(tmp_path / "shards", 64, 64, image_size=32)
     run = tmp_path / "run"
     cfg = stage_config(
