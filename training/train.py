@@ -60,6 +60,18 @@ def mlflow_logger(cfg: DictConfig, output: str):
     return TrackedRunLogger(run, experiment)
 
 
+def share_cpu_threads(trainer) -> None:
+    """Local CPU ranks share the machine's cores: by torch's default each process takes every core, so N ranks
+    would run N threads per core. Each gets cores // N, as torchrun limits its ranks; an OMP_NUM_THREADS the
+    user set wins (Ray Train sets it per worker)."""
+    import torch
+    from pytorch_lightning.accelerators import CPUAccelerator
+
+    ranks = int(trainer.num_devices)
+    if "OMP_NUM_THREADS" not in os.environ and ranks > 1 and isinstance(trainer.accelerator, CPUAccelerator):
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks))
+
+
 def train(cfg: DictConfig, prepare=None) -> float:
     """Train, export, and return the metric a sweep compares (validation loss, else training loss).
     `prepare(trainer)` adapts the Lightning trainer to a launcher (Ray Train's `prepare_trainer`)."""
@@ -91,6 +103,7 @@ def train(cfg: DictConfig, prepare=None) -> float:
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=output)
     if prepare is not None:
         trainer = prepare(trainer)
+    share_cpu_threads(trainer)
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own CheckpointIO plugin stays
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # last.ckpt whole or the previous one, disk full or not
 
