@@ -42,9 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     demo = os.path.abspath(args.demo)
     shards = [  # the demo's CLIP-filtered shards: those whose filter ran the clip_score rule
-        path
-        for path in sorted(glob.glob(f"{demo}/shards/*"))
-        if "clip_score" in filter_of(demo, path)["config"]["filter"]
+        path for path in sorted(glob.glob(f"{demo}/shards/*")) if "clip_score" in filter_of(demo, path)
     ]
     if not shards:
         raise SystemExit(f"--demo {demo} holds no CLIP-filtered shards: run make demo first")
