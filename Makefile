@@ -12,7 +12,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --progress-bar off --no-compile -e '.[dev]'  # --no-compile: ~26k .py files byte-compiled on import instead, only those used
+	$(PY) -m pip install --quiet --progress-bar off --no-compile -e '.[dev]'  # --no-compile: modules compile on import
 	touch $(STAMP)
 
 # Headless Chromium for the test that screenshots the DrawBench HTML report: Debian's package, installed when

@@ -14,12 +14,11 @@ import torch
 from transformers import CLIPModel
 
 from pipeline.world.shards import write_world_shards
-from support import ROOT, checkpoint_step, kill_then_resume, stage_config, subprocess_env
+from support import ROOT, assert_refused_in_one_line, checkpoint_step, kill_then_resume, stage_config, subprocess_env
 from training.clip.model import ContrastiveClip, load_clip
 from training.data.datamodule import ShardStream
 from training.data.shards import list_shards
 from training.data.transforms import EvalTransform
-from training.errors import _user_error
 from training.train import train
 
 # Sixty-four pairs, one shard, no shuffling or cropping: every run sees the same batches in the same order.
@@ -194,11 +193,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, pairs64):
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0]
-    with pytest.raises(Exception) as raised:
-        train(stage_config("train", *other_args, f"output={tmp_path}/bad", "tracking=false", *SAME_DATA))
-    refusal = _user_error(raised.value)  # what run_command prints as `error: <refusal>`, then exit 2
-    assert refusal is not None, raised.value
-    assert other_needle in str(refusal) and "\n" not in str(refusal), str(refusal)
+    assert_refused_in_one_line(
+        lambda: train(stage_config("train", *other_args, f"output={tmp_path}/bad", "tracking=false", *SAME_DATA)),
+        other_needle,
+    )
 
 
 def test_siglip_bf16_checkpointing_and_accumulation_run(pairs64, tmp_path):
