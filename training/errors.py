@@ -96,19 +96,31 @@ def run_command(command, cfg):
 def _user_error(err: BaseException | None, cfg=None) -> UserError | None:
     """The UserError behind `err`, also when Hydra's instantiate wrapped it (it re-raises with a cause) or Ray
     carried it from a worker (`RayTaskError(X)` is an X, with the worker's own exception as its `cause`). A
-    full disk that no writer of ours named becomes a DiskFullError for the file it names, else the output."""
+    full disk that no writer of ours named becomes a DiskFullError for the file it names, else the output.
+    The whole chain is searched for a UserError first: a wrapper's text may quote a full disk that a
+    DiskFullError further down already names with its file and size."""
+    chain = _exception_chain(err)
+    for link in chain:
+        if isinstance(link, UserError):
+            return link
+    for link in chain:
+        if is_disk_full(link) or any(text in str(link) for text in DISK_FULL_TEXTS):
+            fallback = (cfg.get("output") if cfg is not None and hasattr(cfg, "get") else None) or os.getcwd()
+            return disk_full(getattr(link, "filename", None) or fallback, link)
+    return None
+
+
+def _exception_chain(err: BaseException | None) -> list[BaseException]:
+    """`err`, then what it was raised from, outermost first; Ray's `cause` (the worker's exception) stands in
+    for the RayTaskError that carries it when it is a UserError or a full disk."""
+    chain: list[BaseException] = []
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         original = getattr(err, "cause", None)  # Ray's: the exception as the worker raised it
         if isinstance(original, BaseException) and type(original) is not type(err):
-            if isinstance(err, UserError) or is_disk_full(original):
-                err = original
-        if isinstance(err, UserError):
-            return err
-        if is_disk_full(err) or any(text in str(err) for text in DISK_FULL_TEXTS):
-            fallback = (cfg.get("output") if cfg is not None and hasattr(cfg, "get") else None) or os.getcwd()
-            path = getattr(err, "filename", None) or fallback
-            return disk_full(path, err)
+            if isinstance(err, UserError) or isinstance(original, UserError) or is_disk_full(original):
+                chain.append(original)
+        chain.append(err)
         err = err.__cause__ or err.__context__
-    return None
+    return chain
