@@ -12,7 +12,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --progress-bar off --no-compile -e '.[dev]'  # --no-compile: modules compile on import
+	$(PY) -m pip install --quiet --progress-bar off -e '.[dev]'  # byte-compiles: CI sets PYTHONDONTWRITEBYTECODE, so nothing compiled later is kept
 	touch $(STAMP)
 
 # Headless Chromium for the test that screenshots the DrawBench HTML report: Debian's package, installed when
