@@ -142,7 +142,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--per-tar", type=int, default=10_000, help="rows per raw tar")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "curate_scale"))
+    parser.add_argument("--stages", default="filter,shard", help="filter, or filter,shard (raw tars are made for it)")
     args = parser.parse_args()
+    stages = set(args.stages.split(","))
     from pipeline.filter.run import filter_samples
     from pipeline.shard.run import shard
 
@@ -151,8 +153,12 @@ def main() -> None:
     selection, shards = os.path.join(args.out, "selection"), os.path.join(args.out, "shards")
     started = time.time()
     make_meta(meta, args.rows, args.per_tar)
-    make_raw(raw, args.rows, args.per_tar)
-    print(f"made {args.rows:,} metadata rows and raw tars in {time.time() - started:.0f} s", flush=True)
+    if "shard" in stages:
+        make_raw(raw, args.rows, args.per_tar)
+    print(
+        f"made {args.rows:,} metadata rows (and raw tars for the shard stage) in {time.time() - started:.0f} s",
+        flush=True,
+    )
 
     table = []
     started = time.time()
@@ -162,21 +168,22 @@ def main() -> None:
         )
     took = time.time() - started
     table.append(("filter (basic, no near-dup)", args.rows, took, peak.peak, f"kept {manifest['counts']['kept']:,}"))
-    started = time.time()
-    with PeakMemory() as peak:
-        manifest = shard(
-            config("shard", f"input={raw}", f"selection={selection}", f"output={shards}", "progress=false")
+    if "shard" in stages:
+        started = time.time()
+        with PeakMemory() as peak:
+            manifest = shard(
+                config("shard", f"input={raw}", f"selection={selection}", f"output={shards}", "progress=false")
+            )
+        took = time.time() - started
+        table.append(
+            (
+                "shard (10,000 per tar)",
+                manifest["counts"]["samples"],
+                took,
+                peak.peak,
+                f"{manifest['counts']['shards']:,} tars",
+            )
         )
-    took = time.time() - started
-    table.append(
-        (
-            "shard (10,000 per tar)",
-            manifest["counts"]["samples"],
-            took,
-            peak.peak,
-            f"{manifest['counts']['shards']:,} tars",
-        )
-    )
 
     print("\n| stage | rows | seconds | rows/s | peak memory (process tree) | result |")
     print("|---|---:|---:|---:|---:|---|")

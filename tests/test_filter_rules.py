@@ -101,3 +101,28 @@ def test_star_groups_do_not_chain():
     keeper, distance = star_groups(np.array([[0, 1], [1, 2], [3, 5], [3, 4]]), np.array([0.1, 0.1, 0.3, 0.2]), 6)
     assert keeper.tolist() == [0, 0, 2, 3, 3, 3]
     assert distance.tolist() == [0, 0.1, 0, 0, 0.2, 0.3]
+
+
+def test_text_columns_read_back_as_compact_strings_and_rows_without_a_hash_repeat_nothing(tmp_path):
+    """Text is numpy's StringDType in key order across files and pieces (null → None), not an object array
+    of str (at 10M rows those were most of the filter's memory); a row with no sha256 is no exact duplicate."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.filter import rules
+    from pipeline.filter.run import read_metadata
+    from pipeline.storage import Location
+
+    pq.write_table(pa.table({"key": ["k3", "k1", "k4"], "sha256": ["a", None, "a"], "error": [None, "bad", None]}),
+                   tmp_path / "a.parquet")  # fmt: skip
+    pq.write_table(
+        pa.table({"key": ["k0", "k2"], "sha256": ["b", None], "error": [None, None]}), tmp_path / "b.parquet"
+    )
+    meta = read_metadata(Location(str(tmp_path)), ["key", "sha256", "error"])
+    assert meta["key"].dtype == meta["sha256"].dtype == np.dtypes.StringDType(na_object=None)
+    assert meta["key"].tolist() == ["k0", "k1", "k2", "k3", "k4"]
+    assert meta["sha256"].tolist() == ["b", None, None, "a", "a"]
+    assert rules.present(meta["error"]).tolist() == [False, True, False, False, False]
+    assert rules.text_to_arrow(meta["key"]).to_pylist() == ["k0", "k1", "k2", "k3", "k4"]
+    found = ExactDuplicate().duplicates(meta, np.ones(5, bool))
+    assert found.of.tolist() == [-1, -1, -1, -1, 3]  # k4 repeats k3; k1 and k2 (no hash) repeat nothing

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.errors import StageError
 from pipeline.filter.pairs import RulePairs
 from pipeline.filter.report import log_filter, write_report
-from pipeline.filter.rules import DuplicateRule, Duplicates
+from pipeline.filter.rules import TEXT_PIECE, DuplicateRule, Duplicates, present, text_to_arrow
 from pipeline.lock import output_lock
 from pipeline.options import Option, check_options
 from pipeline.stage import already_complete
@@ -47,8 +48,19 @@ def build_rules(filter_cfg: dict) -> list[tuple[str, object]]:
     return [r for r in rules if r[1].kind == "row"] + [r for r in rules if r[1].kind == "set"]
 
 
+# Text columns as numpy's variable-width strings (null → None): 16 bytes a row for text up to 15 bytes (keys,
+# shard names), the rest in one arena. An object array of `str` takes ~60 bytes more a row, plus its pointer:
+# at 10M rows that was most of the filter's 13 GiB.
+TEXT = np.dtypes.StringDType(na_object=None)
+
+
 def read_metadata(location: Location, columns: list[str], optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """`columns` (an error when one is missing) and those of `optional` that the metadata has, in key order."""
+    return metadata_arrays(read_metadata_table(location, columns, optional))  # the table goes once converted
+
+
+def read_metadata_table(location: Location, columns: list[str], optional: tuple[str, ...] = ()) -> pa.Table:
+    """The metadata's `columns` (and those of `optional` it has) as one Arrow table, in file order."""
     names = [n for n in location.listdir() if n.endswith(".parquet") and not n.startswith("_")]
     if not names:
         raise StageError(
@@ -62,13 +74,21 @@ def read_metadata(location: Location, columns: list[str], optional: tuple[str, .
             + ("; annotate with clip=<CLIP folder> for clip_score" if "clip_score" in missing else "")
         )
     columns = [*columns, *(c for c in optional if c in dataset.schema.names and c not in columns)]
-    table = dataset.to_table(columns=columns).sort_by("key")
+    return dataset.to_table(columns=columns)
+
+
+def metadata_arrays(table: pa.Table) -> dict[str, np.ndarray]:
+    """Each column of `table`, in key order, as the rules read it: numbers as float64 (null → NaN), embeddings
+    as (rows, dim) float32 (a null row → NaN), text as TEXT, anything else (thumbnails' bytes) as objects.
+    Columns are put in key order one at a time: a sorted copy of the whole table would double the peak."""
+    order = pc.sort_indices(table, sort_keys=[("key", "ascending")])
     meta = {}
-    for name in columns:
-        column = table.column(name)
+    for name in table.column_names:
+        column = table.column(name).take(order)
+        table = table.drop_columns([name])  # this function holds the only reference: its memory goes now
         if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
-            meta[name] = column.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls → NaN
-        elif pa.types.is_fixed_size_list(column.type):  # embeddings: (rows, dim) float32; a null row → NaN
+            meta[name] = column.to_numpy(zero_copy_only=False).astype(np.float64)
+        elif pa.types.is_fixed_size_list(column.type):
             dim, start = column.type.list_size, 0
             meta[name] = np.empty((len(column), dim), np.float32)
             for chunk in column.chunks:
@@ -78,6 +98,11 @@ def read_metadata(location: Location, columns: list[str], optional: tuple[str, .
                 block[:] = values.reshape(len(chunk), dim)
                 block[chunk.is_null().to_numpy(zero_copy_only=False)] = np.nan
                 start += len(chunk)
+        elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            meta[name] = np.empty(len(column), TEXT)
+            for start in range(0, len(column), TEXT_PIECE):
+                piece = column.slice(start, TEXT_PIECE)
+                meta[name][start : start + len(piece)] = piece.to_numpy(zero_copy_only=False)
         else:
             meta[name] = np.asarray(column.to_pylist(), dtype=object)
     return meta
@@ -103,7 +128,7 @@ def apply_rules(meta: dict[str, np.ndarray], rules) -> FilterOutcome:
     top_fraction) may still drop a row that others repeat: their links and group then name a dropped row."""
     n = len(meta["key"])
     reason = np.full(n, None, dtype=object)
-    unreadable = np.array([isinstance(e, str) for e in meta["error"]])
+    unreadable = present(meta["error"])
     reason[unreadable] = UNREADABLE
     funnel = [
         {"step": "input", "dropped": 0, "left": n},
@@ -183,17 +208,17 @@ def _filter_samples(cfg: dict) -> dict:
     wants_thumbnails = any(isinstance(rule, DuplicateRule) for _, rule in rules)
     meta = read_metadata(meta_dir, columns, optional=("thumbnail",) if wants_thumbnails else ())
     outcome = apply_rules(meta, rules)
-    reason, keys = outcome.reason, meta["key"].astype(str)
+    reason, keys = outcome.reason, text_to_arrow(meta["key"])
     out.makedirs()
     out.remove(MANIFEST)
     linked = outcome.duplicate_of >= 0
     selection = pa.table(
         {
             "key": keys,
-            "shard": meta["shard"].astype(str),
+            "shard": text_to_arrow(meta["shard"]),
             "keep": pa.array(reason == None),  # noqa: E711  (elementwise on a numpy array)
-            "reason": pa.array(reason.tolist(), pa.string()),
-            "duplicate_of": pa.array(np.where(linked, keys[outcome.duplicate_of], None).tolist(), pa.string()),
+            "reason": pa.array(reason, pa.string(), from_pandas=True),
+            "duplicate_of": keys.take(pa.array(outcome.duplicate_of, mask=~linked)),
             "group": pa.array(outcome.group, pa.int64(), mask=outcome.group < 0),
         }
     )
