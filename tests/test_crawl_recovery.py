@@ -17,11 +17,11 @@ import webdataset as wds
 
 from pipeline.crawl.run import crawl
 from pipeline.world import World, WorldServer
-from support import ROOT, crawl_config, kill_when, read_rows, world_config
+from support import ROOT, crawl_config, kill_when, read_rows, run_in_process, world_config
 
 
 @pytest.mark.slow
-def test_kill_9_then_the_same_command_resumes(tmp_path):
+def test_kill_9_then_the_same_command_resumes(ray_local, tmp_path, capsys):
     world = World(world_config(latency=0.05))
     with WorldServer(world) as server:
         urls, truth_path = world.write(tmp_path, server.base_url)
@@ -32,9 +32,9 @@ def test_kill_9_then_the_same_command_resumes(tmp_path):
         assert 2 <= len(done_before) < 12 and not os.path.exists(out / "manifest.json")
         requests_before = dict(server.requests)
 
-        second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert second.returncode == 0, second.stderr[-2000:]
-        assert f"{len(done_before)} of 12 shards already done" in second.stderr
+        capsys.readouterr()
+        run_in_process(crawl, command)  # the resume
+        assert f"{len(done_before)} of 12 shards already done" in capsys.readouterr().err  # its progress bar
 
     truth = pq.read_table(truth_path).to_pylist()
     rows = read_rows(out)
@@ -166,8 +166,7 @@ def test_kill_9_while_planning_then_the_same_command_completes_as_a_clean_crawl(
 
         kill_when(command, planning, poll_s=0.005)
         assert not os.path.exists(out / "_work" / "plan.json")
-        resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        run_in_process(crawl, command)  # the resume
         clean = crawl(crawl_config(f"input={big}", f"output={tmp_path / 'clean'}", "number_sample_per_shard=20000"))
     manifest = json.load(open(out / "manifest.json"))
     distinct = len(set(table["url"].to_pylist()))  # the world repeats a few URLs itself

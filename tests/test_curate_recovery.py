@@ -6,7 +6,6 @@ import glob
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -14,15 +13,9 @@ import pytest
 from pipeline.annotate.run import annotate
 from pipeline.filter.run import filter_samples
 from pipeline.shard.run import shard
-from support import ROOT, kill_when, stage_config
+from support import kill_when, run_in_process, stage_config
 
 SHARDS = 12
-
-
-def _run(command):
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +47,7 @@ def test_annotate_killed_resumes_to_the_same_result(many_shards, tiny_clip, tmp_
     kill_when(command(killed), lambda: len(glob.glob(f"{killed}/_work/done/*.json")) >= 2)
     before = len(glob.glob(f"{killed}/_work/done/*.json"))
     assert before < SHARDS and not os.path.exists(killed / "manifest.json")
-    _run(command(killed))
+    run_in_process(annotate, command(killed))  # the resume
     resumed = json.load(open(killed / "manifest.json"))
     assert resumed["last_run"]["shards_annotated"] <= SHARDS - before
     clean = annotate(stage_config("annotate", *command(tmp_path / "clean")[3:], "progress=false"))
@@ -86,7 +79,7 @@ def test_shard_killed_resumes_to_the_same_result(default_world_raw, annotated, t
     kill_when(command(killed), lambda: len(glob.glob(f"{killed}/_work/done/*.json")) >= 2)
     done_before = len(glob.glob(f"{killed}/_work/done/*.json"))
     assert not os.path.exists(killed / "manifest.json")
-    _run(command(killed))
+    run_in_process(shard, command(killed))  # the resume
     resumed = json.load(open(killed / "manifest.json"))
     clean = shard(stage_config("shard", *command(tmp_path / "clean")[3:], "progress=false"))
     assert resumed["content_hash"] == clean["content_hash"] and resumed["counts"]["shards"] > done_before
