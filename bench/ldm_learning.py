@@ -5,9 +5,11 @@ Each recipe trains the autoencoder and the latent diffusion UNet as the demo doe
 demo_ldm, plus the recipe's overrides) on the demo's CLIP-filtered shards, conditioned on its CLIP v1, then:
 - the autoencoder's round trip of 300 held-out world scenes through the world checkers (the LDM's ceiling);
 - the conditioning gain of the EMA UNet at the end of training (the share of its error that the caption removes);
-- the world suite (as the demo: 10 prompts per category, 2 seeds) judged by the ground-truth checkers, beside
-  the same model's empty-prompt images judged against the same prompts.
-A recipe whose autoencoder is the same as an earlier one's reuses it.
+- the world suite judged by the ground-truth checkers, beside the same model's empty-prompt images judged
+  against the same prompts: as the demo (10 prompts per category, 2 seeds), or `--prompts 20 --seeds 4` for 80
+  images a category, where 20 leave a difference of 2 images inside the noise.
+A recipe whose autoencoder is the same as an earlier one's reuses it; `--vae FOLDER` (an earlier run's `vae`
+folder, holding round_trip.json) reuses that one for every recipe.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from training.train import train
 
 RECIPES = {  # name → (autoencoder overrides, UNet overrides), on top of the demo's presets
     "demo": ([], []),
+    # diffusers' `attention_head_dim` is the number of heads: the demo's 8 are heads of 4 channels at 32.
+    "2_heads": ([], ["model.attention_head_dim=2"]),
+    "2_heads_attend_both_levels": ([], ["model.attention_head_dim=2", "model.cross_attention_blocks=[true,true]"]),
 }
 CATEGORIES = ("Colors", "Counting", "Positional")
 
@@ -39,6 +44,9 @@ def main() -> None:
     parser.add_argument("--demo", default=os.path.join(ROOT, "data", "demo"), help="a finished demo's output")
     parser.add_argument("--only", nargs="*", help="recipe names to run (default: all)")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "ldm_learning"))
+    parser.add_argument("--vae", help="an earlier run's autoencoder folder, reused by every recipe")
+    parser.add_argument("--prompts", type=int, default=10, help="world-suite prompts per category")
+    parser.add_argument("--seeds", type=int, default=2, help="images per prompt")
     args = parser.parse_args()
     demo = os.path.abspath(args.demo)
     shards = [  # the demo's CLIP-filtered shards: those whose filter ran the clip_score rule
@@ -49,6 +57,8 @@ def main() -> None:
     shards = shards[-1]
     quiet = ["tracking=false", "data.num_workers=0"]
     rows, autoencoders = [], {}
+    if args.vae:
+        autoencoders = {json.dumps(vae): os.path.abspath(args.vae) for vae, _ in RECIPES.values()}
     for name, (vae_overrides, ldm_overrides) in RECIPES.items():
         if args.only and name not in args.only:
             continue
@@ -92,6 +102,8 @@ def main() -> None:
                 f"judge={demo}/clip_v0/clip",
                 f"output={out}/drawbench",
                 "tracking=false",
+                f"world_suite.per_category={args.prompts}",
+                f"generation.n={args.seeds}",
             )
         )
         round_trip = json.load(open(f"{vae}/round_trip.json"))["round_trip"]["correct"]
