@@ -30,6 +30,7 @@ RECIPES = {  # name → (autoencoder overrides, UNet overrides), on top of the d
     # diffusers' `attention_head_dim` is the number of heads: the demo's 8 are heads of 4 channels at 32.
     "2_heads": ([], ["model.attention_head_dim=2"]),
     "2_heads_attend_both_levels": ([], ["model.attention_head_dim=2", "model.cross_attention_blocks=[true,true]"]),
+    "3000_steps": ([], ["trainer.max_steps=3000"]),  # the demo's budget leaves room for ~200 s more of UNet
 }
 CATEGORIES = ("Colors", "Counting", "Positional")
 
