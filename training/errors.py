@@ -111,15 +111,16 @@ def _user_error(err: BaseException | None, cfg=None) -> UserError | None:
 
 
 def _exception_chain(err: BaseException | None) -> list[BaseException]:
-    """`err`, then what it was raised from, outermost first; Ray's `cause` (the worker's exception) stands in
-    for the RayTaskError that carries it when it is a UserError or a full disk."""
+    """`err`, then what it was raised from, outermost first. Ray's `cause` (the worker's exception as it was
+    raised, fields and all) comes just before the RayTaskError that carries it, when it is a UserError or a
+    full disk."""
     chain: list[BaseException] = []
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         original = getattr(err, "cause", None)  # Ray's: the exception as the worker raised it
         if isinstance(original, BaseException) and type(original) is not type(err):
-            if isinstance(err, UserError) or isinstance(original, UserError) or is_disk_full(original):
+            if isinstance(original, UserError) or is_disk_full(original):
                 chain.append(original)
         chain.append(err)
         err = err.__cause__ or err.__context__

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.errors import StageError
 from pipeline.filter.pairs import RulePairs
 from pipeline.filter.report import log_filter, write_report
-from pipeline.filter.rules import TEXT_PIECE, DuplicateRule, Duplicates, present, text_to_arrow
+from pipeline.filter.rules import TEXT, TEXT_PIECE, DuplicateRule, Duplicates, present, text_to_arrow
 from pipeline.lock import output_lock
 from pipeline.options import Option, check_options
 from pipeline.stage import already_complete
@@ -46,12 +46,6 @@ def build_rules(filter_cfg: dict) -> list[tuple[str, object]]:
             cause = err.__cause__ if isinstance(err.__cause__, StageError) else err
             raise StageError(f"filter.{name}: {cause}") from err
     return [r for r in rules if r[1].kind == "row"] + [r for r in rules if r[1].kind == "set"]
-
-
-# Text columns as numpy's variable-width strings (null → None): 16 bytes a row for text up to 15 bytes (keys,
-# shard names), the rest in one arena. An object array of `str` takes ~60 bytes more a row, plus its pointer:
-# at 10M rows that was most of the filter's 13 GiB.
-TEXT = np.dtypes.StringDType(na_object=None)
 
 
 def read_metadata(location: Location, columns: list[str], optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
