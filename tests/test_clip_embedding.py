@@ -76,3 +76,25 @@ def test_the_tolerance_tells_other_preprocessing_apart(pairs, tiny_clip):
     assert np.abs(imagenet.pair_scores(images, captions).numpy() - stored).max() > 10 * SCORE_TOLERANCE
     shifted = captions[1:] + captions[:1]
     assert np.abs(encoder.pair_scores(images, shifted).numpy() - stored).max() > 10 * SCORE_TOLERANCE
+
+
+def test_a_rows_stored_embedding_does_not_depend_on_the_rows_ray_batches_it_with(default_world_raw, tiny_clip):
+    """Ray batches annotate's rows as they arrive, so the same image meets other neighbours on every run. The
+    scorer's float16 bytes must not move with them, or the same input gets another metadata hash (a CI run saw
+    it). Scored all at once, then one row at a time: the same bytes."""
+    from pipeline.annotate.clip_scorer import ClipScorer
+
+    data = image_bytes_by_key(default_world_raw[0])
+    keys = sorted(data)[:48]
+    batch = {
+        "key": np.array(keys),
+        "image": np.array([data[k] for k in keys], dtype=object),
+        "caption": np.array([f"caption {i}" for i in range(len(keys))], dtype=object),
+        "error": np.array([None] * len(keys), dtype=object),
+    }
+    scorer = ClipScorer(tiny_clip, batch_size=16)
+    together = scorer({k: v.copy() for k, v in batch.items()})
+    for i in range(len(keys)):
+        alone = scorer({k: v[i : i + 1].copy() for k, v in batch.items()})
+        for name in ("image_embedding", "text_embedding", "clip_score"):
+            assert alone[name][0].tobytes() == together[name][i].tobytes(), (keys[i], name)

@@ -152,17 +152,19 @@ def test_unet_overfits_four_captions_and_the_pipeline_draws_them_back(four, tiny
     with torch.no_grad():
         target = pipeline.vae.decode(pipeline.vae.encode(pixels).latent_dist.mode()).sample.clamp(-1, 1)
 
-        def sample(prompts):  # in [-1, 1], image i from seed i
-            generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+        def sample(prompts):  # in [-1, 1], every image from the same noise (seed 0)
+            generators = [torch.Generator().manual_seed(0) for _ in prompts]
             out = pipeline(prompts, num_inference_steps=50, guidance_scale=5.0, output_type="pt", generator=generators)
             return out.images * 2 - 1
 
-        drawn, unconditional = sample(captions), sample([""] * 4)
+        drawn, unconditional = sample(captions), sample([""])
     assert drawn.shape == (4, 3, 32, 32)  # the configured image size
-    # The same noise with and without the caption. Without it the model draws one of its four images, which
-    # may be the caption's own (measured MSE per seed 0.19, 0.001, 0.31, 0.13): the others must lie far apart.
+    # The same noise with and without a caption. Without one the model draws one of its four images (which one
+    # depends on the noise), so at most one caption's drawing may coincide with it; the others lie far apart.
+    # (With noise i for caption i, the empty prompt drew the caption's own image for 2 of 4 seeds in one run
+    # in four: measured MSE 0.0003, 0.003, 0.30, 0.13.)
     apart = (drawn - unconditional).pow(2).flatten(1).mean(1)
-    print("conditional vs unconditional sample MSE per seed:", apart.numpy().round(4))
+    print("conditional vs unconditional sample MSE per caption:", apart.numpy().round(4))
     assert float(apart.mean()) >= 0.08 and int((apart >= 0.05).sum()) >= 3
     errors = (drawn[:, None] - target[None]).pow(2).flatten(2).mean(2)  # (caption, image)
     own = 10 * torch.log10(4 / errors.diag())

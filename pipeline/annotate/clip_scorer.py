@@ -4,6 +4,11 @@ One instance per Ray actor (the model loads once); batches of samples in, three 
 is `training.clip.encode.ClipEncoder`'s, the one evaluation uses, so the `clip_score` written here is the
 cosine evaluation would compute. On a GPU the forward pass runs in bfloat16 autocast; on CPU in float32.
 Embeddings leave as float16 (DESIGN.md).
+
+Every forward pass has the same shape, `batch_size` rows, the tail padded with blank images and empty captions:
+a matrix product's rounding depends on how many rows it has, so without the padding the same image's embedding
+differed in its last float16 bit depending on which rows Ray happened to batch it with, and the same input
+gave a different metadata hash from run to run.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from training.clip.encode import ClipEncoder, cosine
 
 
 class ClipScorer:
-    def __init__(self, clip_path: str, threads: int | None = None):
+    def __init__(self, clip_path: str, batch_size: int, threads: int | None = None):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -32,6 +37,8 @@ class ClipScorer:
         autocast = torch.bfloat16 if self.device == "cuda" else None
         self.encoder = ClipEncoder.from_folder(clip_path, self.device, autocast_dtype=autocast)
         self.dim = self.encoder.dim
+        self.batch_size = int(batch_size)
+        self.blank = Image.new("RGB", (self.encoder.image_size, self.encoder.image_size))
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["key"])
@@ -49,6 +56,12 @@ class ClipScorer:
         return batch
 
     def embed(self, images: list, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """L2-normalised float32 embeddings on CPU, (B, D) each; the whole Ray batch in one forward pass."""
-        batch_size = max(1, len(images))
-        return self.encoder.encode_images(images, batch_size), self.encoder.encode_texts(captions, batch_size)
+        """L2-normalised float32 embeddings on CPU, (N, D) each, in forward passes of exactly `batch_size`."""
+        size, parts = self.batch_size, []
+        for start in range(0, len(images), size):
+            chunk_images, chunk_captions = images[start : start + size], captions[start : start + size]
+            pad = size - len(chunk_images)
+            image_emb = self.encoder.encode_images(chunk_images + [self.blank] * pad, size)
+            text_emb = self.encoder.encode_texts(chunk_captions + [""] * pad, size)
+            parts.append((image_emb[: len(chunk_images)], text_emb[: len(chunk_images)]))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

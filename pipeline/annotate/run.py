@@ -165,7 +165,11 @@ def _stream(cfg: dict, todo: list[str], out: Location, bar, attempts: str):
     if cfg["clip"]:
         dataset = dataset.map_batches(
             ClipScorer,
-            fn_constructor_kwargs={"clip_path": cfg["clip"], "threads": cfg["clip_threads"]},
+            fn_constructor_kwargs={
+                "clip_path": cfg["clip"],
+                "batch_size": int(cfg["clip_batch_size"]),
+                "threads": cfg["clip_threads"],
+            },
             batch_size=int(cfg["clip_batch_size"]),
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=1 if gpus else 0,
