@@ -29,6 +29,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+# img2dataset imports albumentations, which asks PyPI for a newer version on import: benchmarks talk to
+# 127.0.0.1 only (its children, img2dataset's command included, inherit this)
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 OUTPUT_SIZE = {256: 224, 512: 256, 1024: 256, 2048: 384}
 URLS = {256: 3000, 512: 3000, 1024: 1500, 2048: 600}  # per cell at --scale 1: each run lasts several seconds
 PICTURES = {256: 200, 512: 200, 1024: 100, 2048: 50}  # distinct bodies per cell (URLs cycle through them)

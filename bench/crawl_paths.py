@@ -24,6 +24,9 @@ from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+# img2dataset imports albumentations, which asks PyPI for a newer version on import: benchmarks talk to
+# 127.0.0.1 only (its children, img2dataset's command included, inherit this)
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 sys.path.insert(0, os.path.dirname(HERE))
 OUTPUT_SIZE = {256: 224, 512: 256, 1024: 256, 2048: 384}
 

@@ -283,6 +283,8 @@ def test_corrupt_and_truncated_keep_their_reasons():
     assert processor(b"<html>not an image</html>").reason == "not_an_image"
     assert processor(_jpeg(64, 64)[:300]).reason == "corrupt_image"
     assert processor(png[: len(png) // 2]).reason == "corrupt_image"
+    webp = _encode(Image.effect_noise((200, 200), 64).convert("RGB"), "WEBP", quality=90)
+    assert processor(webp[: len(webp) // 2]).reason == "corrupt_image"
     assert processor(declare_size(_jpeg(16, 16), 40000, 40000)).reason == "too_many_pixels"
 
 
@@ -363,3 +365,12 @@ def test_the_fast_resize_keeps_quality_on_real_pictures():
                     assert got >= baseline - 0.5, (path, side, fmt, out, got, baseline)
                     checked += 1
     assert checked >= 12
+
+
+def test_an_animated_webp_is_its_first_frame():
+    """As img2dataset: an animation gives its first frame, not an error."""
+    frames = [Image.new("RGB", (64, 48), colour) for colour in ((200, 30, 30), (30, 30, 200))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    out = ImageProcessor(ImageSettings(image_size=64, resize_mode="no", encode_format="png"))(buffer.getvalue())
+    assert out.reason is None and Image.open(io.BytesIO(out.data)).convert("RGB").getpixel((10, 10)) == (200, 30, 30)
