@@ -43,7 +43,7 @@ CHUNK = 2048  # pairs compared at once: memory stays at a few MB per thousand pa
 class Tolerances:
     max_margin: float = 0.2
     min_correlation: float = 0.9
-    max_block_residual: float = 0.6
+    max_block_residual: float = 0.4
     max_colour_residual: float = 0.6
     max_aspect_change: float = 1.5
     max_contrast_change: float = 2.0
