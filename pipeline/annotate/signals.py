@@ -22,6 +22,7 @@ from pipeline.thumbnails import TRIM_SIZE, make_thumbnail
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SAMPLES_PER_BATCH = 256
+HASH_SIDE = 36  # px: the image a hash is taken from is box-reduced to about this first (see dhash)
 
 
 def _column(values, dtype=object) -> np.ndarray:
@@ -141,7 +142,7 @@ class PerceptualSignals:
                     with Image.open(io.BytesIO(data)) as image:
                         image.draft("RGB", (2 * TRIM_SIZE, 2 * TRIM_SIZE))  # JPEG: decode at a reduced scale
                         rgb = image.convert("RGB")
-                        hash_ = "".join(str(imagehash.dhash(c)) for c in rgb.convert("YCbCr").split())
+                        hash_ = dhash(rgb)
                         thumbnail = make_thumbnail(rgb)
                 except Exception as err:  # a good header over a broken body: only decoding finds it
                     hash_, thumbnail = None, None
@@ -150,6 +151,16 @@ class PerceptualSignals:
             thumbnails.append(thumbnail)
         batch["dhash"], batch["thumbnail"], batch["error"] = _column(hashes), _column(thumbnails), _column(errors)
         return batch
+
+
+def dhash(rgb: Image.Image) -> str:
+    """imagehash's 8×8 difference hash of each YCbCr channel, 48 hex digits, from a copy box-reduced by a whole
+    factor to about HASH_SIDE px first. imagehash resizes to 9×8 with Lanczos, whose support at a 28× downscale
+    made the three hashes of a 256 px image 0.9 ms, a third of annotate's time a sample; from the reduced copy
+    0.2 ms. The bits are those of a slightly different picture: an image and its copy are hashed alike."""
+    factor = min(rgb.size) // HASH_SIDE
+    small = rgb.reduce(factor) if factor > 1 else rgb
+    return "".join(str(imagehash.dhash(channel)) for channel in small.convert("YCbCr").split())
 
 
 class CaptionStats:
