@@ -57,11 +57,9 @@ class ClipScorer:
 
     def embed(self, images: list, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised float32 embeddings on CPU, (N, D) each, in forward passes of exactly `batch_size`."""
-        size, parts = self.batch_size, []
-        for start in range(0, len(images), size):
-            chunk_images, chunk_captions = images[start : start + size], captions[start : start + size]
-            pad = size - len(chunk_images)
-            image_emb = self.encoder.encode_images(chunk_images + [self.blank] * pad, size)
-            text_emb = self.encoder.encode_texts(chunk_captions + [""] * pad, size)
-            parts.append((image_emb[: len(chunk_images)], text_emb[: len(chunk_images)]))
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        n, size = len(images), self.batch_size
+        pad = -n % size
+        return (
+            self.encoder.encode_images(images + [self.blank] * pad, size)[:n],
+            self.encoder.encode_texts(captions + [""] * pad, size)[:n],
+        )
