@@ -36,6 +36,7 @@ COLOUR_FLOOR = 8.0  # chroma levels added to b's saturation: a grey picture is j
 REFINE_ROUNDS = 2
 HOPELESS_BELOW = 0.25  # short of min_correlation after the profile fit: no pair of the real-image bench got back
 BIG = np.float32(1e6)
+FLAT_VARIANCE = 1e-5  # of a profile's mean square: float32 rounding of the quadratic form lies below
 CHUNK = 2048  # pairs compared at once: memory stays at a few MB per thousand pairs
 
 
@@ -94,14 +95,13 @@ class Matcher:
         self.margins = np.arange(0, tol.max_margin + 1e-9, MARGIN_STEP)
         lo, hi = np.meshgrid(self.margins, 1 - self.margins, indexing="ij")
         self.tables = {n: _interpolation(lo, hi, n) for n in (32, 16)}  # (M, M, n, n) per side length
+        self.profile_forms = _ProfileForms(self.tables[32].reshape(-1, 32, 32))
 
     # -- alignment ------------------------------------------------------------------------------------
     def _fit_axis(self, pa: np.ndarray, pb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Margins (lo, hi indexes) of a's profile that best match b's: profiles (P, n)."""
-        table = self.tables[pa.shape[1]]
-        m, n = len(self.margins), pa.shape[1]
-        sampled = (table.reshape(m * m * n, n) @ pa.T).reshape(m * m, n, len(pa))  # one BLAS call for all
-        corr = np.einsum("gip,pi->pg", _standardise(sampled, 1), _standardise(pb, 1)) / n
+        corr = self.profile_forms.correlations(pa, _standardise(pb, 1))
+        m = len(self.margins)
         best = corr.argmax(1)
         return best // m, best % m
 
@@ -196,6 +196,38 @@ class Matcher:
         best = np.where(passes, scores[:, 1], scores[:, 1] + BIG).argmin(0)
         chosen = scores[best, :, np.arange(n)]  # (P, fields)
         return PairScores(*(chosen[:, k] for k in range(fields)))
+
+
+class _ProfileForms:
+    """The correlation of every resampling T_g @ a of a profile a with a standardised profile z, for all the
+    margin pairs g at once, without resampling: z·T_g a, mean(T_g a) and |T_g a|² are linear and quadratic
+    forms in a (and its outer products), so three matrix products over the pairs replace sampling and
+    standardising a (G, n) array per pair, which cost 4/5 of the confirmation before."""
+
+    def __init__(self, tables: np.ndarray):  # (G, n, n)
+        g, n, _ = tables.shape
+        self.n = n
+        self.linear = tables.reshape(g, n * n).T.astype(np.float32)  # (n², G): z_i T_gij a_j
+        self.mean = (tables.sum(1).T / n).astype(np.float32)  # (n, G): 1·T_g a / n
+        self.upper = np.triu_indices(n)
+        gram = np.einsum("gij,gik->gjk", tables.astype(np.float64), tables.astype(np.float64))  # T_gᵀ T_g
+        twice = np.where(self.upper[0] == self.upper[1], 1.0, 2.0)  # the symmetric form's upper triangle
+        self.square = ((gram[:, self.upper[0], self.upper[1]] * twice).T / n).astype(np.float32)
+
+    def correlations(self, a: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """(P, G) Pearson correlations of T_g a[p] with z[p]; z standardised (mean 0, mean square 1)."""
+        # Rows of every T_g sum to 1: centring a shifts each resampling by a constant, which no correlation
+        # sees, and keeps |T_g a|²/n - mean² clear of cancellation.
+        a = (a - a.mean(1, keepdims=True)).astype(np.float32)
+        p, n = a.shape
+        mean = a @ self.mean
+        variance = (a[:, self.upper[0]] * a[:, self.upper[1]]) @ self.square - mean**2
+        # A resampling flat to within float32's rounding of |a|² is flat: correlation 0, as when computed directly.
+        flat = variance <= FLAT_VARIANCE * (a * a).mean(1, keepdims=True)
+        cross = (z[:, :, None] * a[:, None, :]).reshape(p, n * n) @ self.linear
+        cross -= mean * z.sum(1, keepdims=True)  # Σ z is 0 up to rounding: the exact centred product
+        correlation = cross / (n * (np.sqrt(np.maximum(variance, 0)) + 1e-6))
+        return np.where(flat, 0, np.clip(correlation, -1, 1)).astype(np.float32)
 
 
 def _standardise(x: np.ndarray, axis: int) -> np.ndarray:
