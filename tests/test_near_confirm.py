@@ -23,7 +23,6 @@ def test_profile_forms_give_the_correlations_of_direct_resampling():
     assert fast.shape == (128, len(matcher.margins) ** 2)
     assert np.abs(fast - direct).max() < 1e-4
     assert (fast.argmax(1) == direct.argmax(1)).mean() >= 0.99
-    assert np.abs(fast).max() <= 1
 
 
 def test_a_flat_resampling_correlates_with_nothing():

@@ -18,7 +18,7 @@ DESCRIPTOR_SIDE = 8
 CENTRE_MARGINS = (0.0, 0.05, 0.1)  # index entries per view: the view, and its centre less 5% and 10% per side
 EXACT_BELOW = 50_000  # views; above, an inverted-file index (approximate) keeps the search near-linear
 QUERY_CHUNK = 65_536
-DECODE_CHUNK = 8192  # rows: their float32 views take 40 MB
+DECODE_CHUNK = 8192  # rows: their float32 views take ~100 MB (65,536 took 1 GB at the peak)
 
 
 def _pooling(margin: float, n_in: int) -> np.ndarray:

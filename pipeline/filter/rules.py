@@ -231,7 +231,7 @@ class NearDuplicate(DuplicateRule):
             return Duplicates(np.full(n, -1))
         blobs = meta["thumbnail"][rows]
         # Identical thumbnails are one picture: compare one representative each, numbered in key order (np.unique
-        # numbers them by bytes) so that the first row of a group stays. Found by 128-bit digests: a fixed-width
+        # numbers them by digest) so that the first row of a group stays. Found by 128-bit digests: a fixed-width
         # copy of the thumbnails to sort was 3 KB a row, the rule's largest allocation at a million rows.
         digests = np.array([hashlib.blake2b(b, digest_size=16).digest() for b in blobs], dtype="S16")
         _, first, inverse = np.unique(digests, return_index=True, return_inverse=True)
