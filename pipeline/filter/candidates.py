@@ -16,8 +16,9 @@ from pipeline.thumbnails import VIEWS, Thumbnails
 
 DESCRIPTOR_SIDE = 8
 CENTRE_MARGINS = (0.0, 0.05, 0.1)  # index entries per view: the view, and its centre less 5% and 10% per side
-EXACT_BELOW = 50_000  # views; above, an inverted-file index (approximate) keeps the search near-linear
-QUERY_CHUNK = 65_536
+EXACT_BELOW = 50_000  # index entries; above, an inverted-file index (approximate) keeps the search near-linear
+ROW_CHUNK = 65_536  # rows whose entries are added, or whose views are queried, at a time
+LISTS_PER_ROOT, TRAINING_PER_LIST, PROBES = 4, 40, 16  # the inverted file: 4√entries lists, 16 searched
 DECODE_CHUNK = 8192  # rows: their float32 views take ~100 MB (65,536 took 1 GB at the peak)
 
 
@@ -43,20 +44,35 @@ def descriptors(blobs: np.ndarray, margins=(0.0,)) -> np.ndarray:
     return out
 
 
-def _index(vectors: np.ndarray, seed: int):
+def _flat_entries(blobs: np.ndarray) -> np.ndarray:
+    """(N * len(VIEWS) * len(CENTRE_MARGINS), 64): the index entries of N rows, row-major (a row's own are
+    consecutive, so an entry's row is its number // entries per row)."""
+    return descriptors(blobs, CENTRE_MARGINS).reshape(-1, DESCRIPTOR_SIDE**2)
+
+
+def _index(blobs: np.ndarray, seed: int):
+    """The index of every row's entries, filled a chunk of rows at a time: the descriptors of all rows (1.5 GB
+    at a million) are never held at once. Above EXACT_BELOW entries, an inverted file whose vectors are stored
+    as float16 (half of IVFFlat's bytes; float16 keeps each value to 1 part in 2,000), its k-means
+    trained on a sample of rows."""
     import faiss
 
     faiss.omp_set_num_threads(max(1, faiss.omp_get_max_threads()))
-    dim = vectors.shape[1]
-    if len(vectors) < EXACT_BELOW:
+    dim, entries = DESCRIPTOR_SIDE**2, len(blobs) * len(VIEWS) * len(CENTRE_MARGINS)
+    if entries < EXACT_BELOW:
         index = faiss.IndexFlatIP(dim)
     else:
-        lists = int(4 * np.sqrt(len(vectors)))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
-        sample = np.random.default_rng(seed).choice(len(vectors), min(len(vectors), 40 * lists), replace=False)
-        index.train(vectors[np.sort(sample)])
-        index.nprobe = 16
-    index.add(vectors)
+        lists = int(LISTS_PER_ROOT * np.sqrt(entries))
+        index = faiss.IndexIVFScalarQuantizer(
+            faiss.IndexFlatIP(dim), dim, lists, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+        )
+        per_row = entries // len(blobs)
+        rows = min(len(blobs), -(-TRAINING_PER_LIST * lists // per_row))
+        sample = np.sort(np.random.default_rng(seed).choice(len(blobs), rows, replace=False))
+        index.train(_flat_entries(blobs[sample]))
+        index.nprobe = PROBES
+    for start in range(0, len(blobs), ROW_CHUNK):
+        index.add(_flat_entries(blobs[start : start + ROW_CHUNK]))
     return index
 
 
@@ -66,17 +82,14 @@ def neighbour_pairs(blobs: np.ndarray, neighbours: int, min_similarity: float, s
     n = len(blobs)
     if n < 2 or neighbours <= 0:
         return np.zeros((0, 2), np.int64)
-    entries = descriptors(blobs, CENTRE_MARGINS)  # (N, E, 64)
-    per_row = entries.shape[1]
-    index = _index(entries.reshape(-1, entries.shape[2]), seed)
-    queries = entries[:, :: len(CENTRE_MARGINS)].reshape(-1, entries.shape[2])  # each whole view
-    per_query = len(VIEWS)
-    del entries
+    index = _index(blobs, seed)
+    per_row = index.ntotal // n
     k = min(index.ntotal, neighbours + per_row)  # a row's own entries are among its nearest: skip them
     found = []
-    for start in range(0, len(queries), QUERY_CHUNK):
-        similarity, hits = index.search(queries[start : start + QUERY_CHUNK], k)
-        query_rows = (np.arange(start, start + len(hits)) // per_query)[:, None]
+    for start in range(0, n, ROW_CHUNK):
+        queries = descriptors(blobs[start : start + ROW_CHUNK]).reshape(-1, DESCRIPTOR_SIDE**2)  # whole views
+        similarity, hits = index.search(queries, k)
+        query_rows = (start + np.arange(len(hits)) // len(VIEWS))[:, None]
         hit_rows = hits // per_row
         keep = (hits >= 0) & (hit_rows != query_rows) & (similarity >= min_similarity)
         a, b = np.broadcast_to(query_rows, hits.shape)[keep], hit_rows[keep]
