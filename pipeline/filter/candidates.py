@@ -16,6 +16,7 @@ from pipeline.thumbnails import VIEWS, Thumbnails
 
 DESCRIPTOR_SIDE = 8
 CENTRE_MARGINS = (0.0, 0.05, 0.1)  # index entries per view: the view, and its centre less 5% and 10% per side
+ENTRIES_PER_ROW = len(VIEWS) * len(CENTRE_MARGINS)  # consecutive in the index: an entry's row is its id // this
 EXACT_BELOW = 50_000  # index entries; above, an inverted-file index (approximate) keeps the search near-linear
 ROW_CHUNK = 65_536  # rows whose entries are added, or whose views are queried, at a time
 LISTS_PER_ROOT, TRAINING_PER_LIST, PROBES = 4, 40, 16  # the inverted file: 4√entries lists, 16 searched
@@ -45,8 +46,7 @@ def descriptors(blobs: np.ndarray, margins=(0.0,)) -> np.ndarray:
 
 
 def _flat_entries(blobs: np.ndarray) -> np.ndarray:
-    """(N * len(VIEWS) * len(CENTRE_MARGINS), 64): the index entries of N rows, row-major (a row's own are
-    consecutive, so an entry's row is its number // entries per row)."""
+    """(N * ENTRIES_PER_ROW, 64): the index entries of N rows, a row's own consecutive."""
     return descriptors(blobs, CENTRE_MARGINS).reshape(-1, DESCRIPTOR_SIDE**2)
 
 
@@ -58,7 +58,7 @@ def _index(blobs: np.ndarray, seed: int):
     import faiss
 
     faiss.omp_set_num_threads(max(1, faiss.omp_get_max_threads()))
-    dim, entries = DESCRIPTOR_SIDE**2, len(blobs) * len(VIEWS) * len(CENTRE_MARGINS)
+    dim, entries = DESCRIPTOR_SIDE**2, len(blobs) * ENTRIES_PER_ROW
     if entries < EXACT_BELOW:
         index = faiss.IndexFlatIP(dim)
     else:
@@ -66,8 +66,7 @@ def _index(blobs: np.ndarray, seed: int):
         index = faiss.IndexIVFScalarQuantizer(
             faiss.IndexFlatIP(dim), dim, lists, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
         )
-        per_row = entries // len(blobs)
-        rows = min(len(blobs), -(-TRAINING_PER_LIST * lists // per_row))
+        rows = min(len(blobs), -(-TRAINING_PER_LIST * lists // ENTRIES_PER_ROW))
         sample = np.sort(np.random.default_rng(seed).choice(len(blobs), rows, replace=False))
         index.train(_flat_entries(blobs[sample]))
         index.nprobe = PROBES
@@ -83,14 +82,13 @@ def neighbour_pairs(blobs: np.ndarray, neighbours: int, min_similarity: float, s
     if n < 2 or neighbours <= 0:
         return np.zeros((0, 2), np.int64)
     index = _index(blobs, seed)
-    per_row = index.ntotal // n
-    k = min(index.ntotal, neighbours + per_row)  # a row's own entries are among its nearest: skip them
+    k = min(index.ntotal, neighbours + ENTRIES_PER_ROW)  # a row's own entries are among its nearest: skip them
     found = []
     for start in range(0, n, ROW_CHUNK):
         queries = descriptors(blobs[start : start + ROW_CHUNK]).reshape(-1, DESCRIPTOR_SIDE**2)  # whole views
         similarity, hits = index.search(queries, k)
         query_rows = (start + np.arange(len(hits)) // len(VIEWS))[:, None]
-        hit_rows = hits // per_row
+        hit_rows = hits // ENTRIES_PER_ROW
         keep = (hits >= 0) & (hit_rows != query_rows) & (similarity >= min_similarity)
         a, b = np.broadcast_to(query_rows, hits.shape)[keep], hit_rows[keep]
         found.append(np.stack([np.minimum(a, b), np.maximum(a, b)], 1))

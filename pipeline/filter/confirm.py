@@ -99,7 +99,8 @@ class Matcher:
 
     # -- alignment ------------------------------------------------------------------------------------
     def _fit_axis(self, pa: np.ndarray, pb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Margins (lo, hi indexes) of a's profile that best match b's: profiles (P, n)."""
+        """Margins (lo, hi indexes) of a's profile that best match b's: luma profiles (P, 32), the side of
+        profile_forms."""
         corr = self.profile_forms.correlations(pa, _standardise(pb, 1))
         m = len(self.margins)
         best = corr.argmax(1)
