@@ -7,11 +7,16 @@ row means (1-D profiles) over a grid of margins, refined by a coordinate descent
 directions (b inside a, a inside b) and the four pairings of the two views (frame, content) are tried; the
 pairing judged is, of those that pass every test (else of all), the one with the smallest local residual.
 
+Before comparing, b is blurred to the resolution of a's region mapped onto it: a crop's view is a zoom, and
+holds detail (stripes, text, texture) that its original's view had averaged away.
+
 The comparison tolerates what alterations do and nothing more:
-- luma: Pearson correlation after the alignment, so a brightness and contrast change (gain and offset)
-  costs nothing, within a gain of `max_contrast_change` (grey on white is not black on white made
-  lighter); and the largest residual of a 4×4 grid of blocks, relative to b's contrast, so that a
-  different emblem on the same folder (a local change the global correlation barely sees) is refused;
+- luma: b as gain × a + offset, clipped to the levels as a brighter or more contrasted copy clips, and fitted
+  without the clipped pixels (its whites say nothing of the gain); scored as a correlation (the share of b's
+  variance explained: Pearson's r when nothing clips), so a brightness and contrast change costs nothing,
+  within a gain of `max_contrast_change` (grey on white is not black on white made lighter); and the
+  largest residual of a 4×4 grid of blocks, relative to b's contrast, so that a different emblem on the
+  same folder (a local change the global correlation barely sees) is refused;
 - colour: Cb and Cr deviations from grey may scale by a common gain in [0.7, 1.4] (saturation moves with
   contrast), not change hue: a blue folder is not a green one. Judged by the worst block too, relative to
   the picture's saturation, so that a small object of another colour on the same background counts;
@@ -24,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
 from pipeline.thumbnails import Thumbnails
 
@@ -37,12 +42,18 @@ REFINE_ROUNDS = 2
 HOPELESS_BELOW = 0.25  # short of min_correlation after the profile fit: no pair of the real-image bench got back
 BIG = np.float32(1e6)
 FLAT_VARIANCE = 1e-5  # of a profile's mean square: float32 rounding of the quadratic form lies below
+# Resolution matching (Matcher._match_resolution): the blur variance of one view pixel, a box of one pixel (1/12)
+# and _smooth's Gaussian (σ 1 for luma at 32 px, 0.5 for chroma at 16 px), and the blurs tabulated.
+LUMA_BLUR_VARIANCE, CHROMA_BLUR_VARIANCE = 1 + 1 / 12, 0.25 + 1 / 12
+BLUR_STEP, BLUR_STEPS = 0.05, 40
+# Clipping (_clipped_fit): luma levels at or beyond these count as clipped; the share of pixels a fit needs.
+CLIP_LEVELS, MIN_FIT_SHARE = (4.0, 251.0), 0.4  # 0.2 let a fit on a few strokes call a grey fill white
 CHUNK = 2048  # pairs compared at once: memory stays at a few MB per thousand pairs
 
 
 @dataclass(frozen=True)
 class Tolerances:
-    max_margin: float = 0.2
+    max_margin: float = 0.3
     min_correlation: float = 0.9
     max_block_residual: float = 0.4
     max_colour_residual: float = 0.6
@@ -96,6 +107,7 @@ class Matcher:
         lo, hi = np.meshgrid(self.margins, 1 - self.margins, indexing="ij")
         self.tables = {n: _interpolation(lo, hi, n) for n in (32, 16)}  # (M, M, n, n) per side length
         self.profile_forms = _ProfileForms(self.tables[32].reshape(-1, 32, 32))
+        self.blurs = {n: _blur_table(n) for n in (32, 16)}  # (BLUR_STEPS, n, n) per side length
 
     # -- alignment ------------------------------------------------------------------------------------
     def _fit_axis(self, pa: np.ndarray, pb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -137,15 +149,19 @@ class Matcher:
     # -- comparison -----------------------------------------------------------------------------------
     def _scores(self, ya, ca, yb, cb, p) -> tuple[np.ndarray, ...]:
         n = len(ya)
+        yb, cb = self._match_resolution(yb, cb, p)
         a, b = self._warp(ya, p).reshape(n, -1), yb.reshape(n, -1)
-        a = a - a.mean(1, keepdims=True)
-        b = b - b.mean(1, keepdims=True)
-        var_a, var_b, cov = (a * a).mean(1), (b * b).mean(1), (a * b).mean(1)
-        correlation = cov / np.sqrt(var_a * var_b + 1e-6)
-        gain = cov / (var_a + 1e-6)
+        gain, predicted = _clipped_fit(a, b)
+        residual = b - predicted
+        centred_b = b - b.mean(1, keepdims=True)
+        var_b = (centred_b * centred_b).mean(1)
+        # The share of b's variance the clipped gain-and-offset model explains, as a correlation: Pearson's r
+        # when nothing clips (the fit is then least squares over every pixel).
+        explained = 1 - (residual * residual).mean(1) / (var_b + 1e-6)
+        correlation = np.sign(gain) * np.sqrt(np.clip(explained, 0, 1))
         side = ya.shape[-1] // BLOCKS
-        residual = (b - gain[:, None] * a).reshape(n, BLOCKS, side, BLOCKS, side)
-        block = np.sqrt((residual**2).mean(axis=(2, 4))).reshape(n, -1).max(1) / (np.sqrt(var_b) + CONTRAST_FLOOR)
+        block = np.sqrt((residual.reshape(n, BLOCKS, side, BLOCKS, side) ** 2).mean(axis=(2, 4))).reshape(n, -1)
+        block = block.max(1) / (np.sqrt(var_b) + CONTRAST_FLOOR)
         da, db = self._warp(ca, p).reshape(n, -1) - 128, cb.reshape(n, -1) - 128
         colour_gain = np.clip((da * db).sum(1) / ((da * da).sum(1) + 1e-6), *GAIN_RANGE)
         chroma_side = ca.shape[-1] // BLOCKS
@@ -157,6 +173,21 @@ class Matcher:
         # the luma gain: a picture of grey and white is not one of black and white made lighter
         contrast = np.where(gain > 0, np.maximum(gain, 1 / np.maximum(gain, 1e-6)), np.inf)
         return correlation, block, colour, contrast
+
+    def _match_resolution(self, yb: np.ndarray, cb: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """b blurred to the resolution of a's region mapped onto it. That region is 1/scale of a's view, so its
+        32 px stand for 32/scale px of detail: a crop's view, sharper, would otherwise differ from its
+        original's wherever there is detail finer than the original's pixels (stripes, text, texture)."""
+        scale_x = 1 / (1 - self.margins[p[:, 0]] - self.margins[p[:, 1]])
+        scale_y = 1 / (1 - self.margins[p[:, 2]] - self.margins[p[:, 3]])
+        out = []
+        for img, base in ((yb, LUMA_BLUR_VARIANCE), (cb, CHROMA_BLUR_VARIANCE)):
+            table = self.blurs[img.shape[-1]]
+            wy, wx = (table[_blur_step(s, base)] for s in (scale_y, scale_x))
+            if img.ndim == 4:  # chroma (P, 2, n, n)
+                wy, wx = wy[:, None], wx[:, None]
+            out.append(wy @ img @ np.swapaxes(wx, -1, -2))
+        return out[0], out[1]
 
     def compare(self, a: Thumbnails, b: Thumbnails) -> PairScores:
         """Scores of pairs (a[i], b[i]), in chunks of CHUNK pairs."""
@@ -228,6 +259,36 @@ class _ProfileForms:
         cross -= mean * z.sum(1, keepdims=True)  # Σ z is 0 up to rounding: the exact centred product
         correlation = cross / (n * (np.sqrt(np.maximum(variance, 0)) + 1e-6))
         return np.where(flat, 0, np.clip(correlation, -1, 1)).astype(np.float32)
+
+
+def _blur_table(n: int) -> np.ndarray:
+    """(BLUR_STEPS, n, n): Gaussian blurs of σ = k·BLUR_STEP px as matrices, edges as scipy's (reflected)."""
+    eye = np.eye(n)
+    return np.stack([gaussian_filter1d(eye, k * BLUR_STEP, axis=0) if k else eye for k in range(BLUR_STEPS)]).astype(
+        np.float32
+    )
+
+
+def _blur_step(scale: np.ndarray, base_variance: float) -> np.ndarray:
+    """The blur table's index for a region scaled up by `scale`: its pixels' blur, in b's pixels, is `scale` times
+    b's own (a box of one pixel and _smooth's Gaussian: `base_variance`), so b needs (scale² − 1) × that more."""
+    sigma = np.sqrt(np.maximum(scale**2 - 1, 0) * base_variance)
+    return np.clip(np.round(sigma / BLUR_STEP).astype(np.int64), 0, BLUR_STEPS - 1)
+
+
+def _clipped_fit(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """b ≈ clip(gain · a + offset) for flattened views (P, n): the gain and the prediction. A brighter or more
+    contrasted copy clips at white (or black): its clipped pixels say nothing of the gain, so the fit leaves out
+    pixels clipped in either view, then the prediction clips as the copy did. Where too few pixels are left
+    (a flat picture), the fit takes them all."""
+    fit = (a > CLIP_LEVELS[0]) & (a < CLIP_LEVELS[1]) & (b > CLIP_LEVELS[0]) & (b < CLIP_LEVELS[1])
+    fit |= (fit.mean(1) < MIN_FIT_SHARE)[:, None]
+    weight = fit.astype(np.float32)
+    count = weight.sum(1)
+    mean_a, mean_b = (weight * a).sum(1) / count, (weight * b).sum(1) / count
+    da = a - mean_a[:, None]
+    gain = (weight * da * (b - mean_b[:, None])).sum(1) / ((weight * da * da).sum(1) + 1e-6)
+    return gain, np.clip(mean_b[:, None] + gain[:, None] * da, 0, 255)
 
 
 def _standardise(x: np.ndarray, axis: int) -> np.ndarray:

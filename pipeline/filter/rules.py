@@ -186,7 +186,7 @@ class NearDuplicate(DuplicateRule):
         max_distance: int = 20,
         neighbours: int = 10,
         min_similarity: float = 0.6,
-        max_margin: float = 0.2,
+        max_margin: float = 0.3,
         min_correlation: float = 0.9,
         max_block_residual: float = 0.4,
         max_colour_residual: float = 0.6,
