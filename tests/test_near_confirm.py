@@ -85,15 +85,17 @@ def test_a_brighter_copy_clipped_at_white_is_fitted_without_its_clipped_pixels()
     rng = np.random.default_rng(0)
     a = rng.uniform(60, 250, (3, 1024)).astype(np.float32)
     b = np.clip(1.2 * a + 5, 0, 255)  # 40% of the pixels clip at white
-    gain, predicted = _clipped_fit(a, b)
-    assert np.allclose(gain, 1.2, atol=1e-3)
-    assert np.abs(predicted - b).max() < 0.01
+    gain, offset = _clipped_fit(a, b)
+    assert np.allclose(gain, 1.2, atol=1e-3) and np.allclose(offset, 5, atol=0.1)
+    assert np.abs(np.clip(gain[:, None] * a + offset[:, None], 0, 255) - b).max() < 0.01
     plain = ((a - a.mean(1, keepdims=True)) * (b - b.mean(1, keepdims=True))).mean(1) / a.var(1)
     assert plain.max() < 1.1  # least squares over every pixel takes the clipped ones for a lower gain
 
 
 def test_a_real_photo_made_20_percent_brighter_is_the_same_picture(monkeypatch):
-    """Its sky clips at white (measured: block residual 0.16 fitted over every pixel, 0.10 without the clipped)."""
+    """Its sky clips at white (measured: block residual 0.16 fitted over every pixel, 0.10 without the clipped)
+    and its light blue loses its blue as the blue channel clips (colour residual 0.49 from the chroma scaled as
+    it is, 0.32 from the chroma of the clipped RGB; the tolerance is 0.4)."""
     import pipeline.filter.confirm as confirm
 
     image = Image.open(os.path.join(SITE, PHOTOS[0])).convert("RGB")
@@ -102,5 +104,7 @@ def test_a_real_photo_made_20_percent_brighter_is_the_same_picture(monkeypatch):
     scores = matcher.compare(a, b)
     assert scores.accepted(matcher.tol)[0]
     assert scores.correlation[0] > 0.97 and 1.1 < scores.contrast_change[0] < 1.3
+    monkeypatch.setattr(confirm, "_clipped_chroma", lambda luma, chroma, gain, offset: chroma)  # no channel clips
+    assert matcher.compare(a, b).colour_residual[0] > matcher.tol.max_colour_residual
     monkeypatch.setattr(confirm, "CLIP_LEVELS", (-np.inf, np.inf))  # every pixel in the fit
     assert scores.block_residual[0] < 0.75 * matcher.compare(a, b).block_residual[0]

@@ -18,8 +18,10 @@ The comparison tolerates what alterations do and nothing more:
   largest residual of a 4×4 grid of blocks, relative to b's contrast, so that a different emblem on the
   same folder (a local change the global correlation barely sees) is refused;
 - colour: Cb and Cr deviations from grey may scale by a common gain in [0.7, 1.4] (saturation moves with
-  contrast), not change hue: a blue folder is not a green one. Judged by the worst block too, relative to
-  the picture's saturation, so that a small object of another colour on the same background counts;
+  contrast), not change hue: a blue folder is not a green one. a's chroma is first taken through luma's gain
+  and offset in RGB, each channel clipped, as a brighter copy's channels clip (a light blue sky turns white).
+  Judged by the worst block too, relative to the picture's saturation, so that a small object of another
+  colour on the same background counts;
 - the views' aspect ratios may differ by `max_aspect_change` (a crop changes it a little, a squashed
   different picture a lot).
 """
@@ -56,7 +58,7 @@ class Tolerances:
     max_margin: float = 0.3
     min_correlation: float = 0.9
     max_block_residual: float = 0.4
-    max_colour_residual: float = 0.6
+    max_colour_residual: float = 0.4
     max_aspect_change: float = 1.5
     max_contrast_change: float = 2.0
     flips: bool = False
@@ -151,8 +153,8 @@ class Matcher:
         n = len(ya)
         yb, cb = self._match_resolution(yb, cb, p)
         a, b = self._warp(ya, p).reshape(n, -1), yb.reshape(n, -1)
-        gain, predicted = _clipped_fit(a, b)
-        residual = b - predicted
+        gain, offset = _clipped_fit(a, b)
+        residual = b - np.clip(gain[:, None] * a + offset[:, None], 0, 255)
         centred_b = b - b.mean(1, keepdims=True)
         var_b = (centred_b * centred_b).mean(1)
         # The share of b's variance the clipped gain-and-offset model explains, as a correlation: Pearson's r
@@ -162,7 +164,10 @@ class Matcher:
         side = ya.shape[-1] // BLOCKS
         block = np.sqrt((residual.reshape(n, BLOCKS, side, BLOCKS, side) ** 2).mean(axis=(2, 4))).reshape(n, -1)
         block = block.max(1) / (np.sqrt(var_b) + CONTRAST_FLOOR)
-        da, db = self._warp(ca, p).reshape(n, -1) - 128, cb.reshape(n, -1) - 128
+        side = ya.shape[-1] // ca.shape[-1]
+        luma_a = a.reshape(n, ca.shape[-1], side, ca.shape[-1], side).mean(axis=(2, 4))  # at chroma's side
+        da = _clipped_chroma(luma_a, self._warp(ca, p), gain, offset).reshape(n, -1) - 128
+        db = cb.reshape(n, -1) - 128
         colour_gain = np.clip((da * db).sum(1) / ((da * da).sum(1) + 1e-6), *GAIN_RANGE)
         chroma_side = ca.shape[-1] // BLOCKS
         colour_residual = (db - colour_gain[:, None] * da).reshape(n, 2, BLOCKS, chroma_side, BLOCKS, chroma_side)
@@ -277,10 +282,10 @@ def _blur_step(scale: np.ndarray, base_variance: float) -> np.ndarray:
 
 
 def _clipped_fit(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """b ≈ clip(gain · a + offset) for flattened views (P, n): the gain and the prediction. A brighter or more
+    """b ≈ clip(gain · a + offset) for flattened views (P, n): the gain and the offset. A brighter or more
     contrasted copy clips at white (or black): its clipped pixels say nothing of the gain, so the fit leaves out
-    pixels clipped in either view, then the prediction clips as the copy did. Where too few pixels are left
-    (a flat picture), the fit takes them all."""
+    pixels clipped in either view (the prediction then clips as the copy did). Where too few pixels are left
+    (a flat picture, a few strokes on white), the fit takes them all."""
     fit = (a > CLIP_LEVELS[0]) & (a < CLIP_LEVELS[1]) & (b > CLIP_LEVELS[0]) & (b < CLIP_LEVELS[1])
     fit |= (fit.mean(1) < MIN_FIT_SHARE)[:, None]
     weight = fit.astype(np.float32)
@@ -288,7 +293,18 @@ def _clipped_fit(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean_a, mean_b = (weight * a).sum(1) / count, (weight * b).sum(1) / count
     da = a - mean_a[:, None]
     gain = (weight * da * (b - mean_b[:, None])).sum(1) / ((weight * da * da).sum(1) + 1e-6)
-    return gain, np.clip(mean_b[:, None] + gain[:, None] * da, 0, 255)
+    return gain, mean_b - gain * mean_a
+
+
+def _clipped_chroma(luma: np.ndarray, chroma: np.ndarray, gain: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """(P, 2, n, n) Cb and Cr of a view whose RGB went through luma's gain and offset, each channel clipped: a
+    brighter copy's light blue sky loses its blue as its blue channel clips. Without clipping this is the chroma
+    times the gain (an offset moves the three channels alike, which chroma does not see)."""
+    cb, cr = chroma[:, 0] - 128, chroma[:, 1] - 128
+    rgb = np.stack([luma + 1.402 * cr, luma - 0.344136 * cb - 0.714136 * cr, luma + 1.772 * cb])  # JPEG's YCbCr
+    rgb = np.clip(gain[None, :, None, None] * rgb + offset[None, :, None, None], 0, 255)
+    r, g, b = rgb
+    return np.stack([128 - 0.168736 * r - 0.331264 * g + 0.5 * b, 128 + 0.5 * r - 0.418688 * g - 0.081312 * b], 1)
 
 
 def _standardise(x: np.ndarray, axis: int) -> np.ndarray:

@@ -189,7 +189,7 @@ class NearDuplicate(DuplicateRule):
         max_margin: float = 0.3,
         min_correlation: float = 0.9,
         max_block_residual: float = 0.4,
-        max_colour_residual: float = 0.6,
+        max_colour_residual: float = 0.4,
         max_aspect_change: float = 1.5,
         max_contrast_change: float = 2.0,
         flips: bool = False,
