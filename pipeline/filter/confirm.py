@@ -17,9 +17,9 @@ The comparison tolerates what alterations do and nothing more:
   within a gain of `max_contrast_change` (grey on white is not black on white made lighter); and the
   largest residual of a 4×4 grid of blocks, relative to b's contrast, so that a different emblem on the
   same folder (a local change the global correlation barely sees) is refused;
-- colour: Cb and Cr deviations from grey may scale by a common gain in [0.7, 1.4] (saturation moves with
-  contrast), not change hue: a blue folder is not a green one. a's chroma is first taken through luma's gain
-  and offset in RGB, each channel clipped, as a brighter copy's channels clip (a light blue sky turns white).
+- colour: a's chroma is taken through luma's gain and offset in RGB, each channel clipped, as a brighter
+  copy's channels clip (a light blue sky turns white); Cb and Cr deviations from grey may then scale by a
+  further common gain in [0.7, 1.4] (saturation), not change hue: a blue folder is not a green one.
   Judged by the worst block too, relative to the picture's saturation, so that a small object of another
   colour on the same background counts;
 - the views' aspect ratios may differ by `max_aspect_change` (a crop changes it a little, a squashed
@@ -45,9 +45,9 @@ HOPELESS_BELOW = 0.25  # short of min_correlation after the profile fit: no pair
 BIG = np.float32(1e6)
 FLAT_VARIANCE = 1e-5  # of a profile's mean square: float32 rounding of the quadratic form lies below
 # Resolution matching (Matcher._match_resolution): the blur variance of one view pixel, a box of one pixel (1/12)
-# and _smooth's Gaussian (σ 1 for luma at 32 px, 0.5 for chroma at 16 px), and the blurs tabulated.
+# and _smooth's Gaussian (σ 1 for luma at 32 px, 0.5 for chroma at 16 px).
 LUMA_BLUR_VARIANCE, CHROMA_BLUR_VARIANCE = 1 + 1 / 12, 0.25 + 1 / 12
-BLUR_STEP, BLUR_STEPS = 0.05, 40
+BLUR_STEP = 0.05  # px of σ between the tabulated blurs
 # Clipping (_clipped_fit): luma levels at or beyond these count as clipped; the share of pixels a fit needs.
 CLIP_LEVELS, MIN_FIT_SHARE = (4.0, 251.0), 0.4  # 0.2 let a fit on a few strokes call a grey fill white
 CHUNK = 2048  # pairs compared at once: memory stays at a few MB per thousand pairs
@@ -109,7 +109,8 @@ class Matcher:
         lo, hi = np.meshgrid(self.margins, 1 - self.margins, indexing="ij")
         self.tables = {n: _interpolation(lo, hi, n) for n in (32, 16)}  # (M, M, n, n) per side length
         self.profile_forms = _ProfileForms(self.tables[32].reshape(-1, 32, 32))
-        self.blurs = {n: _blur_table(n) for n in (32, 16)}  # (BLUR_STEPS, n, n) per side length
+        largest = np.sqrt((1 / (1 - 2 * tol.max_margin) ** 2 - 1) * LUMA_BLUR_VARIANCE)  # both margins at the max
+        self.blurs = {n: _blur_table(n, int(np.ceil(largest / BLUR_STEP)) + 1) for n in (32, 16)}  # (steps, n, n)
 
     # -- alignment ------------------------------------------------------------------------------------
     def _fit_axis(self, pa: np.ndarray, pb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -151,9 +152,10 @@ class Matcher:
     # -- comparison -----------------------------------------------------------------------------------
     def _scores(self, ya, ca, yb, cb, p) -> tuple[np.ndarray, ...]:
         n = len(ya)
+        clipped_b = yb.reshape(n, -1)  # judged before the blur, which would lift white's edges off the clip level
         yb, cb = self._match_resolution(yb, cb, p)
         a, b = self._warp(ya, p).reshape(n, -1), yb.reshape(n, -1)
-        gain, offset = _clipped_fit(a, b)
+        gain, offset = _clipped_fit(a, b, clipped_b)
         residual = b - np.clip(gain[:, None] * a + offset[:, None], 0, 255)
         centred_b = b - b.mean(1, keepdims=True)
         var_b = (centred_b * centred_b).mean(1)
@@ -164,8 +166,8 @@ class Matcher:
         side = ya.shape[-1] // BLOCKS
         block = np.sqrt((residual.reshape(n, BLOCKS, side, BLOCKS, side) ** 2).mean(axis=(2, 4))).reshape(n, -1)
         block = block.max(1) / (np.sqrt(var_b) + CONTRAST_FLOOR)
-        side = ya.shape[-1] // ca.shape[-1]
-        luma_a = a.reshape(n, ca.shape[-1], side, ca.shape[-1], side).mean(axis=(2, 4))  # at chroma's side
+        box = ya.shape[-1] // ca.shape[-1]
+        luma_a = a.reshape(n, ca.shape[-1], box, ca.shape[-1], box).mean(axis=(2, 4))  # at chroma's side
         da = _clipped_chroma(luma_a, self._warp(ca, p), gain, offset).reshape(n, -1) - 128
         db = cb.reshape(n, -1) - 128
         colour_gain = np.clip((da * db).sum(1) / ((da * da).sum(1) + 1e-6), *GAIN_RANGE)
@@ -188,7 +190,7 @@ class Matcher:
         out = []
         for img, base in ((yb, LUMA_BLUR_VARIANCE), (cb, CHROMA_BLUR_VARIANCE)):
             table = self.blurs[img.shape[-1]]
-            wy, wx = (table[_blur_step(s, base)] for s in (scale_y, scale_x))
+            wy, wx = (table[_blur_step(s, base, len(table))] for s in (scale_y, scale_x))
             if img.ndim == 4:  # chroma (P, 2, n, n)
                 wy, wx = wy[:, None], wx[:, None]
             out.append(wy @ img @ np.swapaxes(wx, -1, -2))
@@ -266,27 +268,29 @@ class _ProfileForms:
         return np.where(flat, 0, np.clip(correlation, -1, 1)).astype(np.float32)
 
 
-def _blur_table(n: int) -> np.ndarray:
-    """(BLUR_STEPS, n, n): Gaussian blurs of σ = k·BLUR_STEP px as matrices, edges as scipy's (reflected)."""
+def _blur_table(n: int, steps: int) -> np.ndarray:
+    """(steps, n, n): Gaussian blurs of σ = k·BLUR_STEP px as matrices, edges as scipy's (reflected)."""
     eye = np.eye(n)
-    return np.stack([gaussian_filter1d(eye, k * BLUR_STEP, axis=0) if k else eye for k in range(BLUR_STEPS)]).astype(
+    return np.stack([gaussian_filter1d(eye, k * BLUR_STEP, axis=0) if k else eye for k in range(steps)]).astype(
         np.float32
     )
 
 
-def _blur_step(scale: np.ndarray, base_variance: float) -> np.ndarray:
+def _blur_step(scale: np.ndarray, base_variance: float, steps: int) -> np.ndarray:
     """The blur table's index for a region scaled up by `scale`: its pixels' blur, in b's pixels, is `scale` times
     b's own (a box of one pixel and _smooth's Gaussian: `base_variance`), so b needs (scale² − 1) × that more."""
     sigma = np.sqrt(np.maximum(scale**2 - 1, 0) * base_variance)
-    return np.clip(np.round(sigma / BLUR_STEP).astype(np.int64), 0, BLUR_STEPS - 1)
+    return np.minimum(np.round(sigma / BLUR_STEP).astype(np.int64), steps - 1)  # the table covers max_margin
 
 
-def _clipped_fit(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _clipped_fit(a: np.ndarray, b: np.ndarray, b_levels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """b ≈ clip(gain · a + offset) for flattened views (P, n): the gain and the offset. A brighter or more
     contrasted copy clips at white (or black): its clipped pixels say nothing of the gain, so the fit leaves out
     pixels clipped in either view (the prediction then clips as the copy did). Where too few pixels are left
-    (a flat picture, a few strokes on white), the fit takes them all."""
-    fit = (a > CLIP_LEVELS[0]) & (a < CLIP_LEVELS[1]) & (b > CLIP_LEVELS[0]) & (b < CLIP_LEVELS[1])
+    (a flat picture, a few strokes on white), the fit takes them all. `b_levels`: b's pixels to judge clipping
+    by, when b itself was blurred since (default b)."""
+    b_levels = b if b_levels is None else b_levels
+    fit = (a > CLIP_LEVELS[0]) & (a < CLIP_LEVELS[1]) & (b_levels > CLIP_LEVELS[0]) & (b_levels < CLIP_LEVELS[1])
     fit |= (fit.mean(1) < MIN_FIT_SHARE)[:, None]
     weight = fit.astype(np.float32)
     count = weight.sum(1)
