@@ -85,7 +85,7 @@ def test_a_brighter_copy_clipped_at_white_is_fitted_without_its_clipped_pixels()
     rng = np.random.default_rng(0)
     a = rng.uniform(60, 250, (3, 1024)).astype(np.float32)
     b = np.clip(1.2 * a + 5, 0, 255)  # 40% of the pixels clip at white
-    gain, offset = _clipped_fit(a, b)
+    gain, offset = _clipped_fit(a, b, b)
     assert np.allclose(gain, 1.2, atol=1e-3) and np.allclose(offset, 5, atol=0.1)
     assert np.abs(np.clip(gain[:, None] * a + offset[:, None], 0, 255) - b).max() < 0.01
     plain = ((a - a.mean(1, keepdims=True)) * (b - b.mean(1, keepdims=True))).mean(1) / a.var(1)

@@ -152,10 +152,10 @@ class Matcher:
     # -- comparison -----------------------------------------------------------------------------------
     def _scores(self, ya, ca, yb, cb, p) -> tuple[np.ndarray, ...]:
         n = len(ya)
-        clipped_b = yb.reshape(n, -1)  # judged before the blur, which would lift white's edges off the clip level
+        sharp_b = yb.reshape(n, -1)  # clipping is judged before the blur, which lifts white's edges off the level
         yb, cb = self._match_resolution(yb, cb, p)
         a, b = self._warp(ya, p).reshape(n, -1), yb.reshape(n, -1)
-        gain, offset = _clipped_fit(a, b, clipped_b)
+        gain, offset = _clipped_fit(a, b, sharp_b)
         residual = b - np.clip(gain[:, None] * a + offset[:, None], 0, 255)
         centred_b = b - b.mean(1, keepdims=True)
         var_b = (centred_b * centred_b).mean(1)
@@ -283,13 +283,12 @@ def _blur_step(scale: np.ndarray, base_variance: float, steps: int) -> np.ndarra
     return np.minimum(np.round(sigma / BLUR_STEP).astype(np.int64), steps - 1)  # the table covers max_margin
 
 
-def _clipped_fit(a: np.ndarray, b: np.ndarray, b_levels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _clipped_fit(a: np.ndarray, b: np.ndarray, b_levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """b ≈ clip(gain · a + offset) for flattened views (P, n): the gain and the offset. A brighter or more
     contrasted copy clips at white (or black): its clipped pixels say nothing of the gain, so the fit leaves out
     pixels clipped in either view (the prediction then clips as the copy did). Where too few pixels are left
-    (a flat picture, a few strokes on white), the fit takes them all. `b_levels`: b's pixels to judge clipping
-    by, when b itself was blurred since (default b)."""
-    b_levels = b if b_levels is None else b_levels
+    (a flat picture, a few strokes on white), the fit takes them all. `b_levels`: b's pixels before any blur,
+    which clipping is judged by."""
     fit = (a > CLIP_LEVELS[0]) & (a < CLIP_LEVELS[1]) & (b_levels > CLIP_LEVELS[0]) & (b_levels < CLIP_LEVELS[1])
     fit |= (fit.mean(1) < MIN_FIT_SHARE)[:, None]
     weight = fit.astype(np.float32)
