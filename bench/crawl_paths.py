@@ -3,8 +3,8 @@
     python bench/crawl_paths.py [--sizes 256,512,1024,2048] [--formats jpg,png,webp] [--mode center_crop]
 
 For each cell (source size × format, the real pictures of `bench/pictures.py`), it times on one thread:
-- pixelmill's whole `ImageProcessor` and its three steps (Pillow open + `draft` + load; the resample; the
-  JPEG encode), and the alternatives measured for each step (simplejpeg's libjpeg-turbo decode and encode,
+- pixelmill's whole `ImageProcessor` and its three steps (Pillow open + `draft` + the crawl's decode, OpenCV's
+  libwebp for a still WebP; the resample; the JPEG encode), and the alternatives measured for each step (simplejpeg's libjpeg-turbo decode and encode,
   OpenCV's resamplers, as img2dataset uses);
 - img2dataset's whole `Resizer` (OpenCV decode, INTER_AREA, OpenCV encode), same size and mode;
 and the PSNR of each output against the reference resize (full decode, Pillow Lanczos, no encode), so that a
@@ -58,7 +58,7 @@ def main() -> None:
     from img2dataset.resizer import Resizer
     from pictures import DEFAULT_CACHE, load_pictures, source_body
 
-    from pipeline.crawl.image import ImageProcessor, ImageSettings
+    from pipeline.crawl.image import ImageProcessor, ImageSettings, decode_pixels
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="256,512,1024,2048")
@@ -85,19 +85,20 @@ def main() -> None:
             processor = ImageProcessor(ImageSettings(image_size=out, resize_mode="center_crop"))
             ours, ours_ms = timed(lambda b: processor(b).data, bodies)
 
-            def pillow_decode(data: bytes) -> tuple[Image.Image, tuple[float, ...]]:
-                """As the crawl decodes: JPEG reduced by `draft` to the smallest scale above the target."""
+            def crawl_decode(data: bytes) -> tuple[Image.Image, tuple[float, ...]]:
+                """As the crawl decodes: JPEG reduced by `draft` to the smallest scale above the target, a still
+                WebP through OpenCV's libwebp, the rest by Pillow."""
                 image = Image.open(io.BytesIO(data))
                 width, height = image.size
                 if image.format == "JPEG":
                     scale = out / min(width, height)
                     image.draft("RGB", (int(np.ceil(width * scale)), int(np.ceil(height * scale))))
-                image.load()
+                image = decode_pixels(image, data)
                 fx, fy = image.width / width, image.height / height
                 box = centre_box(width, height)
                 return image.convert("RGB"), (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
 
-            loaded, decode_ms = timed(pillow_decode, bodies)
+            loaded, decode_ms = timed(crawl_decode, bodies)
             resized, resize_ms = timed(lambda ib: ib[0].resize((out, out), Image.Resampling.LANCZOS, box=ib[1]), loaded)
             _, encode_ms = timed(pillow_jpeg, resized)
             jpeg_bodies = [b for b in bodies if Image.open(io.BytesIO(b)).format == "JPEG"]

@@ -374,3 +374,46 @@ def test_an_animated_webp_is_its_first_frame():
     frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
     out = ImageProcessor(ImageSettings(image_size=64, resize_mode="no", encode_format="png"))(buffer.getvalue())
     assert out.reason is None and Image.open(io.BytesIO(out.data)).convert("RGB").getpixel((10, 10)) == (200, 30, 30)
+
+
+def test_a_still_webp_decodes_through_libwebp_to_the_same_output_as_pil(monkeypatch):
+    """Still WebPs without alpha are decoded by OpenCV's libwebp (PIL's animation decoder is twice as slow at
+    1024 px): on real photos, lossy and lossless, the crawl's output bytes are those of PIL's decode; a WebP
+    with alpha still goes through PIL and is flattened on white; a truncated one is still `corrupt_image`."""
+    sources = [p for p in REAL_PICTURES if os.path.exists(p)]
+    if not sources:
+        pytest.skip("no real pictures installed (scikit-learn's and matplotlib's sample data)")
+    pil_decodes = []
+
+    def pil_decode(image, data):
+        pil_decodes.append(image.mode)
+        image.load()
+        return image
+
+    fast = image_module.decode_pixels
+    compared = 0
+    for path in sources:
+        picture = Image.open(path).convert("RGB")
+        for options in ({"quality": 90}, {"lossless": True}):
+            data = _encode(picture, "WEBP", **options)
+            for mode in ("center_crop", "border"):
+                processor = ImageProcessor(ImageSettings(image_size=160, resize_mode=mode))
+                monkeypatch.setattr(image_module, "decode_pixels", fast)
+                ours = processor(data)
+                monkeypatch.setattr(image_module, "decode_pixels", pil_decode)
+                theirs = processor(data)
+                assert ours.reason is None and ours.data == theirs.data, (path, options, mode)
+                compared += 1
+    assert compared == 4 * len(sources) and pil_decodes == ["RGB"] * compared
+
+    monkeypatch.setattr(image_module, "decode_pixels", fast)
+    transparent = Image.new("RGBA", (64, 48), (0, 0, 255, 0))
+    transparent.paste((200, 30, 30, 255), (0, 0, 32, 48))
+    data = _encode(transparent, "WEBP", lossless=True)
+    opened = Image.open(io.BytesIO(data))
+    assert fast(opened, data) is opened  # PIL's own decode, alpha kept for the flattening
+    out = ImageProcessor(ImageSettings(image_size=64, resize_mode="no", encode_format="png"))(data)
+    flattened = Image.open(io.BytesIO(out.data)).convert("RGB")
+    assert flattened.getpixel((10, 10)) == (200, 30, 30) and flattened.getpixel((50, 10)) == (255, 255, 255)
+    lossy = _encode(Image.open(sources[0]).convert("RGB"), "WEBP", quality=90)
+    assert ImageProcessor(ImageSettings(image_size=64))(lossy[: len(lossy) // 2]).reason == "corrupt_image"
