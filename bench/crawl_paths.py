@@ -4,8 +4,8 @@
 
 For each cell (source size × format, the real pictures of `bench/pictures.py`), it times on one thread:
 - pixelmill's whole `ImageProcessor` and its three steps (Pillow open + `draft` + the crawl's decode, OpenCV's
-  libwebp for a still WebP; the resample; the JPEG encode), and the alternatives measured for each step (simplejpeg's libjpeg-turbo decode and encode,
-  OpenCV's resamplers, as img2dataset uses);
+  libwebp for a still WebP; the resample; the JPEG encode), and the alternatives measured for each step
+  (simplejpeg's libjpeg-turbo decode and encode, OpenCV's resamplers, as img2dataset uses);
 - img2dataset's whole `Resizer` (OpenCV decode, INTER_AREA, OpenCV encode), same size and mode;
 and the PSNR of each output against the reference resize (full decode, Pillow Lanczos, no encode), so that a
 faster path can be judged by the quality it keeps (the crawl's rule: within 0.5 dB of the current path).
