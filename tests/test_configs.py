@@ -52,7 +52,9 @@ GROUPS = {
     "filter": ("filtering", []),
     "world": ("world", []),
     "sweep_model": ("run", []),
+    "caption_negatives": ("train", []),
 }
+OPTIONAL_GROUPS = {"sweep_model", "caption_negatives"}  # in no defaults list: selected with +group=option
 MODEL_TASK = {"clip": "clip", "unet": "ldm", "vae": "vae"}
 PUBLISHED = {"unet_sd": (0.85e9, 0.87e9), "vae_sd": (83e6, 85e6), "clip_vit_b32": (150e6, 152e6)}
 
@@ -89,7 +91,7 @@ def group_config(group: str, option: str):
     overrides = [*PRIMARIES[primary], f"{group}={option}"]
     if group == "model":
         overrides.append(f"task={MODEL_TASK[option.split('_')[0]]}")
-    if group == "sweep_model":
+    if group in OPTIONAL_GROUPS:
         overrides[-1] = f"+{overrides[-1]}"
     return stage_config(primary, *overrides, *extra)
 
@@ -121,6 +123,8 @@ def test_group_option_composes_and_what_it_names_builds(group, option):
         assert build_rules(OmegaConf.to_container(cfg.filter, resolve=True))
     elif group == "sweep_model":
         assert callable(instantiate(cfg.sweep_model.train)) and callable(instantiate(cfg.sweep_model.evaluate))
+    elif group == "caption_negatives":
+        assert callable(instantiate(cfg.data.caption_negatives))
 
 
 def build_on_meta(option: str):

@@ -105,10 +105,24 @@ class ContrastiveClip(nn.Module):
             clip.logit_scale = nn.Parameter(clip.logit_scale.detach().reshape(1))
         self.logit_bias = nn.Parameter(torch.tensor([float(logit_bias)])) if logit_bias is not None else None
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        negative_input_ids: torch.Tensor | None = None,
+        negative_attention_mask: torch.Tensor | None = None,
+    ):
+        """(image, text, temperature, bias, negative text): (N, D), (N, D), (), (1,) or None, (k·N, D) or None.
+        Hard negative captions go through the text tower in the same pass as the true ones."""
+        n = input_ids.shape[0]
+        if negative_input_ids is not None:
+            input_ids = torch.cat([input_ids, negative_input_ids])
+            attention_mask = torch.cat([attention_mask, negative_attention_mask])
         out = self.clip(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
         bias = self.logit_bias * 1.0 if self.logit_bias is not None else None
-        return out.image_embeds, out.text_embeds, self.clip.logit_scale.squeeze(0), bias  # (N, D), (N, D), (), (1,)
+        text, negative = out.text_embeds[:n], out.text_embeds[n:] if negative_input_ids is not None else None
+        return out.image_embeds, text, self.clip.logit_scale.squeeze(0), bias, negative
 
     def activation_checkpointing_enable(self, **kwargs) -> None:
         self.clip.activation_checkpointing_enable(**kwargs)

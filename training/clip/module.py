@@ -91,18 +91,30 @@ class ClipTraining(TaskModule):
 
     # --- steps ------------------------------------------------------------------------------------------
     def _features(self, batch):
-        image, text, logit_scale, logit_bias = self.net(
-            batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+        """The loss's positional arguments: (image, text, logit_scale, logit_bias), then (negative_text,
+        negative_valid) when the batch carries hard negative captions."""
+        image, text, logit_scale, logit_bias, negative = self.net(
+            batch["pixel_values"],
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("negative_input_ids"),
+            batch.get("negative_attention_mask"),
         )
         # The loss in float32 whatever the autocast: log-softmax over thousands of logits needs it.
-        return image.float(), text.float(), logit_scale.float(), None if logit_bias is None else logit_bias.float()
+        features = (
+            image.float(),
+            text.float(),
+            logit_scale.float(),
+            None if logit_bias is None else logit_bias.float(),
+        )
+        return features if negative is None else (*features, negative.float(), batch["negative_valid"])
 
     def training_step(self, batch, batch_idx):
         if self.accum_freq > 1:
             return self._accumulated_training_step(batch)
-        image, text, logit_scale, logit_bias = self._features(batch)
-        loss = self.loss(image, text, logit_scale, logit_bias)
-        self._log_training(batch, loss, logit_scale, logit_bias, image.shape[0])
+        features = self._features(batch)
+        loss = self.loss(*features)
+        self._log_training(batch, loss, features[2], features[3], features[0].shape[0])
         return loss
 
     def _log_training(self, batch, loss, logit_scale, logit_bias, batch_size: int) -> None:
@@ -138,6 +150,11 @@ class ClipTraining(TaskModule):
         each pass would add their whole gradient (open_clip's k× temperature gradient); each adds 1/k here.
         Exact when phase 2 reproduces phase 1's features: no dropout (CLIP's configs have none)."""
         k, n = self.accum_freq, batch["input_ids"].shape[0]
+        if "negative_input_ids" in batch:
+            raise UserError(
+                f"module.accum_freq={k} with data.caption_negatives: hard negatives are not combined with "
+                "contrastive accumulation; set module.accum_freq=1 or data.caption_negatives=null"
+            )
         if n % k:
             raise UserError(f"data.batch_size={n} is not a multiple of module.accum_freq={k}")
         names = ("pixel_values", "input_ids", "attention_mask")
@@ -178,7 +195,7 @@ class ClipTraining(TaskModule):
                 yield
 
     def validation_step(self, batch, batch_idx):
-        image, text, logit_scale, logit_bias = self._features(batch)
+        image, text, logit_scale, logit_bias = self._features(batch)[:4]
         loss = self.loss(image, text, logit_scale, logit_bias)
         similarity = image @ text.T  # (N, N), this rank's batch
         target = torch.arange(image.shape[0], device=image.device)

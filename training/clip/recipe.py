@@ -6,6 +6,7 @@ import os
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pytorch_lightning.utilities import rank_zero_only
 
 from training.clip.export import ExportClip
 from training.clip.model import ContrastiveClip, load_clip, require_clip_folder
@@ -32,6 +33,7 @@ def build_clip_model(cfg: DictConfig, datamodule, output: str, loss) -> tuple[Co
 def clip_recipe(cfg: DictConfig, datamodule, output: str) -> Recipe:
     loss = instantiate(cfg.loss)
     model, tokenizer = build_clip_model(cfg, datamodule, output, loss)
+    fit_caption_negatives(datamodule)
     config = model.clip.config
     datamodule.attach(tokenizer, config.vision_config.image_size, config.text_config.max_position_embeddings)
     export = os.path.join(output, "clip")
@@ -41,3 +43,16 @@ def clip_recipe(cfg: DictConfig, datamodule, output: str) -> Recipe:
         export,
         ("train/loss", "val/loss", "val/image_to_text_r1", "val/text_to_image_r1", "data/corrupt_skipped"),
     )
+
+
+NEGATIVE_FIT_CAPTIONS = 100_000  # enough captions to see which group words a corpus uses
+
+
+def fit_caption_negatives(datamodule) -> None:
+    """Hard negative captions (data.caption_negatives) keep only the words the training captions use."""
+    negatives = getattr(datamodule, "caption_negatives", None)
+    if negatives is None or not hasattr(negatives, "fit"):
+        return
+    negatives.fit(datamodule.captions(NEGATIVE_FIT_CAPTIONS))
+    if rank_zero_only.rank == 0:
+        print(f"hard negative captions, words swapped within groups: {negatives.describe()}", flush=True)

@@ -60,9 +60,11 @@ class ShardStream(IterableDataset):
         shuffle_initial: int = 100,
         image_keys: str = "jpg;jpeg;png;webp",
         caption_key: str = "txt",
+        caption_negatives: Callable | None = None,
     ):
         super().__init__()
         self.tokenizer, self.transform = tokenizer, transform
+        self.caption_negatives = caption_negatives
         self.batch_size, self.context_length = int(batch_size), context_length
         self.seed, self.epoch, self.resampled = int(seed), int(epoch), bool(resampled)
         self.shuffle_buffer, self.shuffle_initial = int(shuffle_buffer), int(shuffle_initial)
@@ -158,10 +160,13 @@ class ShardStream(IterableDataset):
                 # The augmentation depends on (seed, epoch, key) only: the same on a rerun or a resume.
                 rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(key.encode())])
                 pixels = self.transform(image, rng)
+            decoded = {"key": key, "caption": caption, "pixels": pixels}
+            if self.caption_negatives is not None:
+                decoded["negatives"] = self.caption_negatives(caption, rng)
         except Exception as error:  # truncated JPEG, missing member, bad UTF-8: skip, count, go on
             log.warning("skipping sample %s: %s", key, (str(error) or type(error).__name__)[:200])
             return None
-        return {"key": key, "caption": caption, "pixels": pixels}
+        return decoded
 
     def _collate(self, samples: list[dict]) -> dict[str, Any]:
         corrupt, self._corrupt = self._corrupt, 0
@@ -175,6 +180,20 @@ class ShardStream(IterableDataset):
                 captions, padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
             )
             batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
+            if "negatives" in samples[0]:  # k hard negative captions per sample, sample-major; None: masked
+                negatives = [n for s in samples for n in s["negatives"]]
+                tokens = self.tokenizer(
+                    [n or "" for n in negatives],
+                    padding="max_length",
+                    truncation=True,
+                    max_length=self.context_length,
+                    return_tensors="pt",
+                )
+                batch["negative_input_ids"], batch["negative_attention_mask"] = (
+                    tokens["input_ids"],
+                    tokens["attention_mask"],
+                )
+                batch["negative_valid"] = torch.tensor([n is not None for n in negatives])
         return batch
 
 
@@ -233,6 +252,7 @@ class ShardDataModule(pl.LightningDataModule):
         train_transform: Callable | None = None,
         image_keys: str = "jpg;jpeg;png;webp",
         caption_key: str = "txt",
+        caption_negatives: Callable | None = None,
     ):
         super().__init__()
         self.path, self.val_path, self.val_shards = path, val_path, int(val_shards)
@@ -244,6 +264,8 @@ class ShardDataModule(pl.LightningDataModule):
         # ShortSideCrop for latent diffusion (conf/task/ldm.yaml); None: CLIP's random resized crop.
         self.train_transform = train_transform
         self.image_keys, self.caption_key = image_keys, caption_key
+        # caption, rng → a hard negative caption or None (e.g. caption_negatives.WordSwap); training batches only
+        self.caption_negatives = caption_negatives
         self.train_shards, self.validation_shards = self._split()
         self.tokenizer, self.image_size, self.context_length = None, None, None
         self.mean, self.std, self._attached = CLIP_MEAN, CLIP_STD, False
@@ -292,6 +314,7 @@ class ShardDataModule(pl.LightningDataModule):
             skip_corrupt=corrupt,
             shuffle_buffer=self.shuffle_buffer,
             shuffle_initial=self.shuffle_initial,
+            caption_negatives=self.caption_negatives,
             **self._common(rank, world, max(1, self.num_workers)),
         )
 
