@@ -1,5 +1,5 @@
 """`make demo`'s flow at toy size, so its config and its chain of commands cannot rot: world → data → CLIP v0 →
-CLIP-score filter → CLIP v1 → autoencoder → latent diffusion → DrawBench, and the summary."""
+CLIP-score filter → CLIP v1 → autoencoder → latent cache → latent diffusion → DrawBench, and the summary."""
 
 from __future__ import annotations
 
@@ -42,6 +42,11 @@ def test_demo_runs_the_whole_flow_at_toy_size(tmp_path, monkeypatch, ray_local):
     assert summary["drawbench_judge"]["independent"]  # judged by CLIP v0, not the LDM's own text encoder (v1)
     assert (tmp_path / "demo" / "drawbench" / "report.html").exists()
     assert (tmp_path / "demo" / "ldm" / "pipeline" / "model_index.json").exists()
+    # The UNet trained from the latent cache, which holds every pair of CLIP v1's shards.
+    cache = json.load(open(tmp_path / "demo" / "latents" / "manifest.json"))
+    shards = json.load(open(f"{cache['config']['input']}/manifest.json"))
+    assert "/shards/" in cache["config"]["input"] and cache["config"]["clip"].endswith("clip_v1/clip")
+    assert cache["counts"]["samples"] == shards["counts"]["samples"] > 0 and cache["counts"]["errors"] == 0
     # What shows whether the models learn: the autoencoder's round trip through the world checkers (and the
     # checkers on the originals), the UNet's conditioning gain from step 0, the empty-prompt reference, the grid.
     assert summary["round_trip"]["scenes"] == 20 and summary["round_trip"]["original"]["correct"] >= 0.9
