@@ -289,3 +289,26 @@ def mlflow_server(folder: Path):
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_mlflow_server(server)
+
+
+def shard_stream(path, tokenizer, **overrides):
+    """A training ShardStream over the shards at `path` as one process and one loader worker read them, batches
+    of 4 at 16 px and 16 tokens, epoch 0, seed 0; `overrides` changes any of it."""
+    from training.data.datamodule import ShardStream
+    from training.data.shards import list_shards
+    from training.data.transforms import TrainTransform
+
+    settings = dict(
+        tokenizer=tokenizer,
+        transform=TrainTransform(16),
+        batch_size=4,
+        context_length=16,
+        epoch=0,
+        seed=0,
+        rank=0,
+        world=1,
+        workers=1,
+        resampled=False,
+        epoch_samples=None,
+    )
+    return ShardStream(list_shards(path), **{**settings, **overrides})

@@ -14,12 +14,9 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from pipeline.world.shards import write_world_shards
-from support import stage_config
+from support import shard_stream, stage_config
 from training.clip.losses import ClipLoss, SigLipLoss
 from training.data.caption_negatives import WordSwap
-from training.data.datamodule import ShardStream
-from training.data.shards import list_shards
-from training.data.transforms import TrainTransform
 from training.errors import UserError
 from training.tokenizer import train_tokenizer
 from training.train import train
@@ -116,21 +113,7 @@ def test_a_training_stream_carries_tokenised_negatives_and_their_flags(tmp_path)
     swap = WordSwap({"colour": ["red", "orange", "yellow", "green", "blue", "purple"]}, min_count=1, per_caption=2)
 
     def read():
-        stream = ShardStream(
-            list_shards(shards),
-            tokenizer=tokenizer,
-            transform=TrainTransform(16),
-            batch_size=6,
-            context_length=64,
-            epoch=0,
-            seed=0,
-            rank=0,
-            world=1,
-            workers=1,
-            resampled=False,
-            epoch_samples=None,
-            caption_negatives=swap,
-        )
+        stream = shard_stream(shards, tokenizer, batch_size=6, context_length=64, caption_negatives=swap)
         return list(DataLoader(stream, batch_size=None, num_workers=1))
 
     batches = read()

@@ -12,9 +12,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from pipeline.world.shards import write_world_shards
+from support import shard_stream
 from training.clip.model import image_processor_for
-from training.data.datamodule import ShardStream
-from training.data.shards import ShardList, list_shards, next_worker, plan_epoch, round_robin
+from training.data.shards import ShardList, next_worker, plan_epoch, round_robin
 from training.data.transforms import EvalTransform, TrainTransform
 from training.tokenizer import train_tokenizer
 
@@ -30,23 +30,6 @@ def numbered(tmp_path_factory):
     return write_world_shards(tmp_path_factory.mktemp("numbered"), 120, 15, image_size=24, corrupt=(7, 64))
 
 
-def _stream(path, tokenizer, **kwargs):
-    settings = dict(
-        tokenizer=tokenizer,
-        transform=TrainTransform(16),
-        batch_size=4,
-        context_length=16,
-        epoch=0,
-        seed=0,
-        rank=0,
-        world=1,
-        workers=1,
-        resampled=False,
-        epoch_samples=None,
-    )
-    return ShardStream(list_shards(path), **{**settings, **kwargs})
-
-
 def _read(stream, workers):
     batches = list(DataLoader(stream, batch_size=None, num_workers=workers))
     return [b["keys"] for b in batches], sum(int(b["corrupt"]) for b in batches)
@@ -59,7 +42,7 @@ def test_no_rank_sees_a_sample_twice_in_an_epoch(tmp_path, tokenizer, per_shard)
     for epoch in (0, 1):
         epoch_keys = Counter()
         for rank in (0, 1):
-            keys, _ = _read(_stream(path, tokenizer, rank=rank, world=2, workers=2, epoch=epoch), workers=2)
+            keys, _ = _read(shard_stream(path, tokenizer, rank=rank, world=2, workers=2, epoch=epoch), workers=2)
             per_rank.append(len(keys))
             epoch_keys.update(k for batch in keys for k in batch)
         assert max(epoch_keys.values()) == 1  # no duplicate within the epoch, across ranks and workers
@@ -70,22 +53,21 @@ def test_no_rank_sees_a_sample_twice_in_an_epoch(tmp_path, tokenizer, per_shard)
 
 
 def test_epoch_length_in_samples_and_resampled_streams(numbered, tokenizer):
-    stream = _stream(numbered, tokenizer, resampled=True, epoch_samples=72, world=2, rank=1, workers=2)
+    stream = shard_stream(numbered, tokenizer, resampled=True, epoch_samples=72, world=2, rank=1, workers=2)
     keys, _ = _read(stream, workers=2)
     assert len(keys) == 72 // (4 * 2) == len(stream)  # epoch length counted in samples over all ranks
-    other_epoch, _ = _read(
-        _stream(numbered, tokenizer, resampled=True, epoch_samples=72, world=2, rank=1, workers=2, epoch=1), workers=2
-    )
+    stream = shard_stream(numbered, tokenizer, resampled=True, epoch_samples=72, world=2, rank=1, workers=2, epoch=1)
+    other_epoch, _ = _read(stream, workers=2)
     assert keys != other_epoch
     # Exact epochs default to the shards' size: 120 samples, minus the partial batches, over 1 rank.
-    assert len(_stream(numbered, tokenizer, workers=2)) == 2 * (60 // 4)
+    assert len(shard_stream(numbered, tokenizer, workers=2)) == 2 * (60 // 4)
 
 
 def test_a_resumed_epoch_continues_where_it_stopped(numbered, tokenizer):
     """Skipping k batches (unread) gives exactly the batches an uninterrupted epoch has after its k-th, with
     two loader workers interleaving, and two corrupt samples in the shards: the resume also skips the corrupt
     samples each worker dropped while making the trained batches (counted as the data module counts them)."""
-    stream = _stream(numbered, tokenizer, workers=2, epoch=3)
+    stream = shard_stream(numbered, tokenizer, workers=2, epoch=3)
     batches = list(DataLoader(stream, batch_size=None, num_workers=2))
     full = [b["keys"] for b in batches]
     quota = [p.batches for p in sorted(stream.plans, key=lambda p: p.worker)]
@@ -96,7 +78,7 @@ def test_a_resumed_epoch_continues_where_it_stopped(numbered, tokenizer):
             corrupt[next_worker(quota, b)] += int(batches[b]["corrupt"])
         dropped_in_skipped = max(dropped_in_skipped, sum(corrupt))
         resumed, _ = _read(
-            _stream(numbered, tokenizer, workers=2, epoch=3, skip_batches=k, skip_corrupt=corrupt), workers=2
+            shard_stream(numbered, tokenizer, workers=2, epoch=3, skip_batches=k, skip_corrupt=corrupt), workers=2
         )
         assert resumed == full[k:], k
     assert dropped_in_skipped >= 1  # the case that needs the count: a corrupt sample before the resume point
@@ -114,7 +96,7 @@ def test_corrupt_samples_are_skipped_and_counted(numbered, tokenizer):
     """Two of 120 samples are truncated JPEGs: both dropped and counted, never a crash. The epoch still has
     its planned 120 batches (ranks must stay in step), so the two short workers top up from their own
     shards' next pass."""
-    keys, corrupt = _read(_stream(numbered, tokenizer, workers=2, batch_size=1), workers=2)
+    keys, corrupt = _read(shard_stream(numbered, tokenizer, workers=2, batch_size=1), workers=2)
     flat = [k for batch in keys for k in batch]
     assert "000000007" not in flat and "000000064" not in flat
     assert len(flat) == 120 and len(set(flat)) == 118

@@ -14,10 +14,16 @@ import torch
 from transformers import CLIPModel
 
 from pipeline.world.shards import write_world_shards
-from support import ROOT, assert_refused_in_one_line, checkpoint_step, kill_then_resume, stage_config, subprocess_env
+from support import (
+    ROOT,
+    assert_refused_in_one_line,
+    checkpoint_step,
+    kill_then_resume,
+    shard_stream,
+    stage_config,
+    subprocess_env,
+)
 from training.clip.model import ContrastiveClip, load_clip
-from training.data.datamodule import ShardStream
-from training.data.shards import list_shards
 from training.data.transforms import EvalTransform
 from training.train import train
 
@@ -46,21 +52,8 @@ def _losses(tracking_uri: str) -> list[float]:
 
 
 def _embed(model: CLIPModel, bundle_tokenizer, shards: str, context_length: int):
-    stream = ShardStream(
-        list_shards(shards),
-        tokenizer=bundle_tokenizer,
-        transform=EvalTransform(32),
-        batch_size=64,
-        context_length=context_length,
-        epoch=0,
-        seed=0,
-        rank=0,
-        world=1,
-        workers=1,
-        resampled=False,
-        epoch_samples=None,
-        shuffle_buffer=0,
-    )
+    options = dict(transform=EvalTransform(32), batch_size=64, context_length=context_length, shuffle_buffer=0)
+    stream = shard_stream(shards, bundle_tokenizer, **options)
     batch = next(iter(stream))
     with torch.no_grad():
         out = model.eval()(
