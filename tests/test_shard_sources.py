@@ -10,9 +10,8 @@ import pytest
 from torch.utils.data import DataLoader
 
 from pipeline.world.shards import write_world_shards
-from training.data.datamodule import ShardStream
+from support import shard_stream
 from training.data.shards import list_shards
-from training.data.transforms import TrainTransform
 from training.errors import UserError
 from training.tokenizer import train_tokenizer
 
@@ -33,21 +32,7 @@ def sources(tmp_path_factory):
 
 def keys(path: str, skip_batches: int = 0) -> list[list[str]]:
     tokenizer = train_tokenizer(["a red circle", "two blue squares"], vocab_size=300, max_length=16)
-    stream = ShardStream(
-        list_shards(path),
-        tokenizer=tokenizer,
-        transform=TrainTransform(16),
-        batch_size=4,
-        context_length=16,
-        epoch=1,
-        seed=3,
-        rank=0,
-        world=1,
-        workers=2,
-        resampled=False,
-        epoch_samples=None,
-        skip_batches=skip_batches,
-    )
+    stream = shard_stream(path, tokenizer, epoch=1, seed=3, workers=2, skip_batches=skip_batches)
     return [b["keys"] for b in DataLoader(stream, batch_size=None, num_workers=2)]
 
 
