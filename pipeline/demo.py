@@ -109,24 +109,25 @@ class Demo:
                 f"+callbacks.round_trip.dataset={round_trip_scenes}",
             )
         )
-        latents = self.latent_cache(shards, clip)
+        vae = f"{self.out}/vae/vae"
+        latents = self.latent_cache(shards, vae, clip)
         self.train(
             self.config(
                 "train",
                 "ldm",
                 f"data.path={latents}",
                 f"output={self.out}/ldm",
-                f"vae={self.out}/vae/vae",
+                f"vae={vae}",
                 f"clip={clip}",
             )
         )
         return f"{self.out}/ldm/pipeline"
 
-    def latent_cache(self, shards: str, clip: str) -> str:
+    def latent_cache(self, shards: str, vae: str, clip: str) -> str:
         """The autoencoder's latents and the text encoder's states of every training pair, computed once
         (pipeline.encode): the UNet's 3,000 steps then skip both encoders, 1.4× faster here (bench/RESULTS.md)."""
         output = f"{self.out}/latents"
-        options = [f"input={shards}", f"output={output}", f"vae={self.out}/vae/vae", f"clip={clip}", "progress=false"]
+        options = [f"input={shards}", f"output={output}", f"vae={vae}", f"clip={clip}", "progress=false"]
         encode(compose("encode", overrides=[*options, *self.cfg.overrides.get("encode", [])]))
         return output
 

@@ -45,7 +45,9 @@ def clip_recipe(cfg: DictConfig, datamodule, output: str) -> Recipe:
     )
 
 
-NEGATIVE_FIT_CAPTIONS = 100_000  # enough captions to see which group words a corpus uses
+# Enough captions to see which group words a corpus uses. Reading one means reading its whole sample, image
+# included, at every start on every rank: kept small.
+NEGATIVE_FIT_CAPTIONS = 10_000
 
 
 def fit_caption_negatives(datamodule) -> None:

@@ -176,23 +176,20 @@ class ShardStream(IterableDataset):
             if name in samples[0]:
                 batch["pixel_values" if name == "pixels" else name] = torch.stack([s[name] for s in samples])
         if self.tokenizer is not None:
+            # k hard negative captions per sample (data.caption_negatives), sample-major, None where a caption had
+            # nothing to swap: tokenised with the captions in one call, then masked by `negative_valid`.
+            negatives = [n for s in samples for n in s.get("negatives", ())]
             tokens = self.tokenizer(
-                captions, padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
+                captions + [n or "" for n in negatives],
+                padding="max_length",
+                truncation=True,
+                max_length=self.context_length,
+                return_tensors="pt",
             )
-            batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
-            if "negatives" in samples[0]:  # k hard negative captions per sample, sample-major; None: masked
-                negatives = [n for s in samples for n in s["negatives"]]
-                tokens = self.tokenizer(
-                    [n or "" for n in negatives],
-                    padding="max_length",
-                    truncation=True,
-                    max_length=self.context_length,
-                    return_tensors="pt",
-                )
-                batch["negative_input_ids"], batch["negative_attention_mask"] = (
-                    tokens["input_ids"],
-                    tokens["attention_mask"],
-                )
+            ids, mask, count = tokens["input_ids"], tokens["attention_mask"], len(captions)
+            batch["input_ids"], batch["attention_mask"] = ids[:count], mask[:count]
+            if "negatives" in samples[0]:
+                batch["negative_input_ids"], batch["negative_attention_mask"] = ids[count:], mask[count:]
                 batch["negative_valid"] = torch.tensor([n is not None for n in negatives])
         return batch
 
@@ -264,7 +261,8 @@ class ShardDataModule(pl.LightningDataModule):
         # ShortSideCrop for latent diffusion (conf/task/ldm.yaml); None: CLIP's random resized crop.
         self.train_transform = train_transform
         self.image_keys, self.caption_key = image_keys, caption_key
-        # caption, rng → a hard negative caption or None (e.g. caption_negatives.WordSwap); training batches only
+        # caption, rng → k hard negative captions, None where there is none (caption_negatives.WordSwap); training
+        # batches only
         self.caption_negatives = caption_negatives
         self.train_shards, self.validation_shards = self._split()
         self.tokenizer, self.image_size, self.context_length = None, None, None
