@@ -214,11 +214,16 @@ def summarise(cfg, out: str, v0_data: dict, v1_data: dict, v0: dict, v1: dict, b
             f"conditioning gain (share of the UNet's error its caption removes) at steps {conditioning[0]['step']}–"
             f"{conditioning[-1]['step']}: {gains}"
         )
-    print(f"{'DrawBench (world suite)':<30}{'prompts':>10}{'correct':>10}{'empty prompt':>14}{'CLIPScore':>11}")
+    print(
+        f"{'DrawBench (world suite)':<30}{'prompts':>10}{'correct':>10}{'empty prompt':>14}"
+        f"{'gain over empty [95% CI]':>27}{'CLIPScore':>11}"
+    )
+    nan = {"mean": float("nan"), "low": float("nan"), "high": float("nan")}
     for category, entry in bench["categories"].items():
         correct, clip_score = entry["correct"]["mean"], entry["clip_score"]["mean"]
-        empty = entry.get("empty_prompt_correct", {}).get("mean", float("nan"))
-        print(f"  {category:<28}{entry['prompts']:>10}{correct:>10.3f}{empty:>14.3f}{clip_score:>11.3f}")
+        empty, gain = entry.get("empty_prompt_correct", nan)["mean"], entry.get("gain_over_empty", nan)
+        interval = f"{gain['mean']:+.3f} [{gain['low']:+.3f}, {gain['high']:+.3f}]"
+        print(f"  {category:<28}{entry['prompts']:>10}{correct:>10.3f}{empty:>14.3f}{interval:>27}{clip_score:>11.3f}")
     grid = f"{out}/ldm/samples.png"
     if os.path.exists(grid):
         shutil.copyfile(grid, f"{out}/drawbench/samples.png")

@@ -51,5 +51,5 @@ def test_demo_runs_the_whole_flow_at_toy_size(tmp_path, monkeypatch, ray_local):
     # checkers on the originals), the UNet's conditioning gain from step 0, the empty-prompt reference, the grid.
     assert summary["round_trip"]["scenes"] == 20 and summary["round_trip"]["original"]["correct"] >= 0.9
     assert [e["step"] for e in summary["conditioning"]] == [0, 4] and "gain" in summary["conditioning"][-1]
-    assert "empty_prompt_correct/Colors" in summary["drawbench"]
+    assert "empty_prompt_correct/Colors" in summary["drawbench"] and "gain_over_empty/Counting" in summary["drawbench"]
     assert (tmp_path / "demo" / "drawbench" / "samples.png").exists()

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation.t2i.metrics import bootstrap_mean, clip_scores, pairwise_outcomes
+from evaluation.t2i.metrics import bootstrap_crossed_mean, bootstrap_mean, clip_scores, pairwise_outcomes
 from evaluation.t2i.prompt_suites import (
     DRAWBENCH_CATEGORIES,
     WORLD_CATEGORIES,
@@ -257,3 +257,24 @@ def test_bootstrap_interval_and_win_rates_by_hand():
     assert interval["high"] - interval["low"] == pytest.approx(2 * half_width, rel=0.1)
     assert interval["low"] < values.mean() < interval["high"]
     assert bootstrap_mean(values, seed=3) == bootstrap_mean(values, seed=3)
+
+
+def test_crossed_bootstrap_counts_a_seed_shared_by_every_prompt_once():
+    """40 prompts judged on the same 2 images, one passing everything, one nothing: resampling prompts alone
+    sees no spread at all, resampling seeds as well does (each resample draws the pair, one image twice, …)."""
+    shared = np.tile([1.0, 0.0], (40, 1))  # (prompts, seeds)
+    assert bootstrap_mean(shared.mean(1)) == {"mean": 0.5, "low": 0.5, "high": 0.5}
+    crossed = bootstrap_crossed_mean(shared, resamples=2000)
+    assert crossed["mean"] == 0.5 and crossed["low"] == 0.0 and crossed["high"] == 1.0
+    # Independent cells: the prompts-only interval is then right, and the crossed one errs wide, not narrow
+    # (a resample of 2 seeds draws one seed twice half the time).
+    rng = np.random.default_rng(0)
+    cells = rng.normal(0.3, 0.1, (400, 2))
+    both, prompts_only = bootstrap_crossed_mean(cells), bootstrap_mean(cells.mean(1))
+    assert both["mean"] == pytest.approx(cells.mean())
+    width, right = both["high"] - both["low"], prompts_only["high"] - prompts_only["low"]
+    assert right <= width <= 2 * right
+    # Missing cells are left out, not counted as zeros; an all-missing grid has no mean.
+    holes = np.array([[1.0, np.nan], [1.0, 1.0]])
+    assert bootstrap_crossed_mean(holes) == {"mean": 1.0, "low": 1.0, "high": 1.0}
+    assert np.isnan(bootstrap_crossed_mean(np.full((3, 2), np.nan))["mean"])

@@ -196,6 +196,13 @@ def test_world_suite_scores_with_the_checkers(tiny_pipeline, tmp_path):
     assert all("correct" in e and "clip_score" in e for e in record["categories"].values())
     assert "count" in record["categories"]["Counting"] and "count" not in record["categories"]["Colors"]
     assert all(isinstance(r["correct"], bool) and (r["correct"] or r["reasons"]) for r in record["rows"])
+    # The empty prompt's image of the row's seed, judged against the row's truth; the gain pairs the two.
+    assert all(r["gain_over_empty"] == r["correct"] - r["empty_prompt_correct"] for r in record["rows"])
+    gain = record["categories"]["all"]["gain_over_empty"]
+    assert gain["low"] <= gain["mean"] <= gain["high"]
+    assert record["metrics"]["gain_over_empty/all"] == pytest.approx(
+        record["metrics"]["correct/all"] - record["metrics"]["empty_prompt_correct/all"]
+    )
     html = (tmp_path / "out" / "report.html").read_text()
     assert "Conflicting" in html and "failed checks" in html
 

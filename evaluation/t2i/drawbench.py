@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from evaluation.t2i.generate import draw, load_pipeline
 from evaluation.t2i.judge import judge_folder, judge_independence
-from evaluation.t2i.metrics import bootstrap_mean, clip_scores, pairwise_outcomes
+from evaluation.t2i.metrics import bootstrap_crossed_mean, bootstrap_mean, clip_scores, pairwise_outcomes
 from evaluation.t2i.prompt_suites import Prompt, load_prompts, world_vocabulary
 from evaluation.t2i.report import write_report
 from evaluation.t2i.world_checks import CHECKS, ObjectFinder, judge
@@ -120,7 +120,8 @@ def score_images(
 def judge_empty_prompt(model, prompts, seeds, rows, folder, generation, batch_size, device, finder) -> None:
     """`empty_prompt_correct` on each row: the model's image for the empty prompt with the row's seed, judged
     against the row's truth. What the model draws from the noise alone passes some checks by chance (a
-    centred blob is "in the centre"); a model that follows its prompts must score clearly above this."""
+    centred blob is "in the centre"); a model that follows its prompts must score clearly above this.
+    `gain_over_empty`: the row's own result minus that, whose interval (`summarise`) says how clearly."""
     generate_images(model, [Prompt("", "empty prompt")], folder, generation, batch_size, device)
     verdicts = {}
     for row, truth in zip(rows, [p.truth for p in prompts for _ in seeds]):
@@ -130,6 +131,8 @@ def judge_empty_prompt(model, prompts, seeds, rows, folder, generation, batch_si
             image = Image.open(os.path.join(folder, image_file("", row["seed"]))).convert("RGB")
             verdicts[row["seed"]] = finder(image)
         row["empty_prompt_correct"] = float(judge(truth, verdicts[row["seed"]])["correct"])
+        # Paired by prompt and seed (the same noise, with and without the text): what the text adds.
+        row["gain_over_empty"] = float(row["correct"]) - row["empty_prompt_correct"]
 
 
 def _per_prompt(rows: list[dict], key: str) -> np.ndarray:
@@ -139,6 +142,23 @@ def _per_prompt(rows: list[dict], key: str) -> np.ndarray:
         if row.get(key) is not None:
             values.setdefault(row["prompt"], []).append(float(row[key]))
     return np.array([np.mean(v) for v in values.values()])
+
+
+def _per_prompt_and_seed(rows: list[dict], key: str) -> np.ndarray:
+    """(prompts, seeds) of `key`, NaN where a row lacks it; prompts in order, seeds sorted."""
+    prompts = list(dict.fromkeys(r["prompt"] for r in rows if r.get(key) is not None))
+    seeds = sorted({r["seed"] for r in rows if r.get(key) is not None})
+    grid = np.full((len(prompts), len(seeds)), np.nan)
+    where = {p: i for i, p in enumerate(prompts)}, {s: j for j, s in enumerate(seeds)}
+    for row in rows:
+        if row.get(key) is not None:
+            grid[where[0][row["prompt"]], where[1][row["seed"]]] = float(row[key])
+    return grid
+
+
+# Scores read off the empty prompt's images, one per seed shared by every prompt: their intervals resample
+# seeds as well as prompts.
+SHARED_SEED_KEYS = ("empty_prompt_correct", "gain_over_empty")
 
 
 def summarise(rows: list[dict], baseline_rows: list[dict] | None, resamples: int, confidence: float) -> dict:
@@ -161,13 +181,18 @@ def summarise(rows: list[dict], baseline_rows: list[dict] | None, resamples: int
             "clip_score",
             "correct",
             "empty_prompt_correct",
+            "gain_over_empty",
             *CHECKS,
             "baseline_clip_score",
             "baseline_correct",
             "win",
             "win_correct",
         ):
-            if any(r.get(key) is not None for r in chosen):
+            if not any(r.get(key) is not None for r in chosen):
+                continue
+            if key in SHARED_SEED_KEYS:
+                entry[key] = bootstrap_crossed_mean(_per_prompt_and_seed(chosen, key), resamples, confidence)
+            else:
                 entry[key] = bootstrap_mean(_per_prompt(chosen, key), resamples, confidence)
         summary[category] = entry
     return summary

@@ -1,5 +1,6 @@
-"""Text-to-image scores: CLIPScore (Hessel et al. 2021), bootstrap confidence intervals over prompts, and
-side-by-side win rates of a model against a baseline."""
+"""Text-to-image scores: CLIPScore (Hessel et al. 2021), bootstrap confidence intervals over prompts (and
+over prompts and seeds, for scores that share a seed's images across prompts), and side-by-side win rates of a
+model against a baseline."""
 
 from __future__ import annotations
 
@@ -29,6 +30,30 @@ def bootstrap_mean(values, resamples: int = 1000, confidence: float = 0.95, seed
     tail = (1 - confidence) / 2
     return {
         "mean": float(values.mean()),
+        "low": float(np.quantile(means, tail)),
+        "high": float(np.quantile(means, 1 - tail)),
+    }
+
+
+def bootstrap_crossed_mean(values, resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
+    """Mean of a (prompts, seeds) matrix (NaN where a cell has no value) with an interval that resamples
+    prompts and seeds both. For a score that every prompt reads off the same few images of a seed (the empty
+    prompt's, judged against each prompt's truth), resampling prompts alone would count those few images as
+    many independent draws and give too narrow an interval."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0 or np.isnan(values).all():
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan")}
+    rng = np.random.default_rng(seed)
+    prompts, seeds = values.shape
+    means = np.empty(int(resamples))
+    for k in range(int(resamples)):
+        cells = values[np.ix_(rng.integers(0, prompts, prompts), rng.integers(0, seeds, seeds))]
+        present = ~np.isnan(cells)
+        means[k] = cells[present].mean() if present.any() else np.nan
+    means = means[~np.isnan(means)]
+    tail = (1 - confidence) / 2
+    return {
+        "mean": float(np.nanmean(values)),
         "low": float(np.quantile(means, tail)),
         "high": float(np.quantile(means, 1 - tail)),
     }

@@ -20,6 +20,7 @@ COLUMNS = (
     ("clip_score", "CLIPScore"),
     ("correct", "correct"),
     ("empty_prompt_correct", "correct with the empty prompt"),
+    ("gain_over_empty", "gain over the empty prompt"),
     ("colour", "colour"),
     ("count", "count"),
     ("position", "position"),
@@ -127,8 +128,9 @@ img{{image-rendering:pixelated;width:{side}px}}img.grid{{width:auto;max-width:10
 <body><h1>DrawBench-style evaluation · {html.escape(record["dataset"])}</h1>
 <p>{" · ".join(f"<b>{html.escape(k)}</b> {html.escape(str(v))}" for k, v in meta.items())}</p>{warning}
 <table><tr><th>category</th><th>prompts</th>{head}</tr>{body}</table>
-<p>Means over prompts with {record["confidence"]:.0%} bootstrap intervals. Grids: one row per prompt; the
-model's images, then the baseline's.</p>{"".join(sections)}</body></html>"""
+<p>Means over prompts with {record["confidence"]:.0%} bootstrap intervals (prompts resampled; for the
+empty-prompt columns, prompts and seeds). Grids: one row per prompt; the model's images, then the
+baseline's.</p>{"".join(sections)}</body></html>"""
 
 
 def mlflow_table(record: dict, thumbs: dict[str, Image.Image]) -> dict[str, list]:
