@@ -135,25 +135,24 @@ def judge_empty_prompt(model, prompts, seeds, rows, folder, generation, batch_si
         row["gain_over_empty"] = float(row["correct"]) - row["empty_prompt_correct"]
 
 
+def _per_prompt_and_seed(rows: list[dict], key: str) -> np.ndarray:
+    """(prompts, seeds): the mean of `key` over each prompt's rows of each seed (rows with the key only), NaN
+    where there is none; prompts in order, seeds sorted."""
+    chosen = [r for r in rows if r.get(key) is not None]
+    prompts = {p: i for i, p in enumerate(dict.fromkeys(r["prompt"] for r in chosen))}
+    seeds = {s: j for j, s in enumerate(sorted({r["seed"] for r in chosen}))}
+    total, count = np.zeros((len(prompts), len(seeds))), np.zeros((len(prompts), len(seeds)))
+    for row in chosen:
+        cell = prompts[row["prompt"]], seeds[row["seed"]]
+        total[cell] += float(row[key])
+        count[cell] += 1
+    return np.divide(total, count, out=np.full_like(total, np.nan), where=count > 0)
+
+
 def _per_prompt(rows: list[dict], key: str) -> np.ndarray:
     """Mean of `key` over each prompt's images (rows with the key only), in prompt order."""
-    values: dict[str, list[float]] = {}
-    for row in rows:
-        if row.get(key) is not None:
-            values.setdefault(row["prompt"], []).append(float(row[key]))
-    return np.array([np.mean(v) for v in values.values()])
-
-
-def _per_prompt_and_seed(rows: list[dict], key: str) -> np.ndarray:
-    """(prompts, seeds) of `key`, NaN where a row lacks it; prompts in order, seeds sorted."""
-    prompts = list(dict.fromkeys(r["prompt"] for r in rows if r.get(key) is not None))
-    seeds = sorted({r["seed"] for r in rows if r.get(key) is not None})
-    grid = np.full((len(prompts), len(seeds)), np.nan)
-    where = {p: i for i, p in enumerate(prompts)}, {s: j for j, s in enumerate(seeds)}
-    for row in rows:
-        if row.get(key) is not None:
-            grid[where[0][row["prompt"]], where[1][row["seed"]]] = float(row[key])
-    return grid
+    grid = _per_prompt_and_seed(rows, key)
+    return np.nanmean(grid, axis=1) if grid.size else np.zeros(0)
 
 
 # Scores read off the empty prompt's images, one per seed shared by every prompt: their intervals resample
