@@ -182,6 +182,25 @@ def read_json(path: str):
         return json.load(f)
 
 
+def drawbench_table(bench: dict) -> list[str]:
+    """The summary's DrawBench lines: per category, the share correct, the same model's share with empty prompts
+    judged against the same truths, and the gain over it with its interval ("–" where the run had no
+    empty-prompt reference: benchmark.empty_prompt_reference=false)."""
+    lines = [
+        f"{'DrawBench (world suite)':<30}{'prompts':>10}{'correct':>10}{'empty prompt':>14}"
+        f"{'gain over empty [95% CI]':>27}{'CLIPScore':>11}"
+    ]
+    for category, entry in bench["categories"].items():
+        correct, clip_score = entry["correct"]["mean"], entry["clip_score"]["mean"]
+        empty = f"{entry['empty_prompt_correct']['mean']:.3f}" if "empty_prompt_correct" in entry else "–"
+        gain = entry.get("gain_over_empty")
+        interval = f"{gain['mean']:+.3f} [{gain['low']:+.3f}, {gain['high']:+.3f}]" if gain else "–"
+        lines.append(
+            f"  {category:<28}{entry['prompts']:>10}{correct:>10.3f}{empty:>14}{interval:>27}{clip_score:>11.3f}"
+        )
+    return lines
+
+
 def summarise(cfg, out: str, v0_data: dict, v1_data: dict, v0: dict, v1: dict, bench: dict, timings: dict) -> dict:
     truth = f"{out}/world/ground_truth.parquet"
     agree, rows = crawl_agreement(truth, f"{out}/raw")
@@ -214,16 +233,7 @@ def summarise(cfg, out: str, v0_data: dict, v1_data: dict, v0: dict, v1: dict, b
             f"conditioning gain (share of the UNet's error its caption removes) at steps {conditioning[0]['step']}–"
             f"{conditioning[-1]['step']}: {gains}"
         )
-    print(
-        f"{'DrawBench (world suite)':<30}{'prompts':>10}{'correct':>10}{'empty prompt':>14}"
-        f"{'gain over empty [95% CI]':>27}{'CLIPScore':>11}"
-    )
-    nan = {"mean": float("nan"), "low": float("nan"), "high": float("nan")}
-    for category, entry in bench["categories"].items():
-        correct, clip_score = entry["correct"]["mean"], entry["clip_score"]["mean"]
-        empty, gain = entry.get("empty_prompt_correct", nan)["mean"], entry.get("gain_over_empty", nan)
-        interval = f"{gain['mean']:+.3f} [{gain['low']:+.3f}, {gain['high']:+.3f}]"
-        print(f"  {category:<28}{entry['prompts']:>10}{correct:>10.3f}{empty:>14.3f}{interval:>27}{clip_score:>11.3f}")
+    print("\n".join(drawbench_table(bench)))
     grid = f"{out}/ldm/samples.png"
     if os.path.exists(grid):
         shutil.copyfile(grid, f"{out}/drawbench/samples.png")

@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from pipeline.errors import StageError
 from pipeline.lock import output_lock
-from pipeline.ray_setup import actor_count, init_ray, quiet_ray_data
+from pipeline.ray_setup import NATIVE_NOISE, actor_count, init_ray, quiet_ray_data
 from pipeline.storage import MANIFEST, Location, claim_output, write_manifest
+from training.quiet import native_lines_to_log
 
 WORK = "_work"
 PLAN = f"{WORK}/plan.json"
@@ -218,8 +219,9 @@ def _map(stage: Stage, units: list[str], retry: bool, local: bool, bar, attempts
         compute=ray.data.ActorPoolStrategy(size=actor_count(actors or stage.cfg.get("processes"), len(units))),
         **resources,
     )
-    for row in dataset.iter_rows():
-        yield str(row["unit"]), json.loads(row["record"])
+    with native_lines_to_log(*NATIVE_NOISE):  # Ray's C++ notice about actor pools: to the log
+        for row in dataset.iter_rows():
+            yield str(row["unit"]), json.loads(row["record"])
 
 
 def _pass(stage: Stage, run: Run, units: list[str], retry: bool, local: bool) -> dict[str, dict]:

@@ -53,3 +53,16 @@ def test_demo_runs_the_whole_flow_at_toy_size(tmp_path, monkeypatch, ray_local):
     assert [e["step"] for e in summary["conditioning"]] == [0, 4] and "gain" in summary["conditioning"][-1]
     assert "empty_prompt_correct/Colors" in summary["drawbench"] and "gain_over_empty/Counting" in summary["drawbench"]
     assert (tmp_path / "demo" / "drawbench" / "samples.png").exists()
+
+
+def test_drawbench_table_says_when_there_is_no_empty_prompt_reference():
+    from pipeline.demo import drawbench_table
+
+    figure = {"mean": 0.5, "low": 0.25, "high": 0.75}
+    with_reference = {"prompts": 8, "correct": figure, "clip_score": figure, "empty_prompt_correct": figure,
+                      "gain_over_empty": {"mean": 0.25, "low": -0.05, "high": 0.5}}  # fmt: skip
+    without = {"prompts": 8, "correct": figure, "clip_score": figure}
+    header, colors, counting = drawbench_table({"categories": {"Colors": with_reference, "Counting": without}})
+    assert "gain over empty [95% CI]" in header
+    assert colors.split()[1:] == ["8", "0.500", "0.500", "+0.250", "[-0.050,", "+0.500]", "0.500"]
+    assert counting.split()[1:] == ["8", "0.500", "–", "–", "0.500"] and "nan" not in counting

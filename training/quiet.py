@@ -15,7 +15,10 @@ import importlib.abc
 import importlib.machinery
 import logging
 import os
+import re
 import sys
+import threading
+from contextlib import contextmanager
 
 LOG_NAME = "pixelmill.log"
 OURS = ("pipeline", "training", "evaluation", "bench", "__main__", "hydra")  # shown as today (hydra: multirun lines)
@@ -147,8 +150,11 @@ class _LogFile(logging.FileHandler):
         super().__init__(path, mode="a", encoding="utf-8", delay=True)
 
     def _open(self):
-        os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
-        return super()._open()
+        try:
+            os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+            return super()._open()
+        except OSError:  # FileHandler.emit opens outside its own error handling: no stream, no record
+            return None
 
     def handleError(self, record):
         pass
@@ -231,3 +237,71 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
         spec.loader.exec_module = exec_then_configure
         return spec
+
+
+class _Native:
+    routed: set[bytes] = set()  # patterns already routed in this process
+
+
+@contextmanager
+def native_lines_to_log(*patterns: bytes):
+    """While open, lines that native code writes straight to file descriptor 2 (Ray's C++ core worker logs
+    there, past every Python logger) go to the log file when they hold one of `patterns` (literal bytes);
+    everything else on descriptor 2 passes through as it comes, progress bars' carriage returns included. A no-op
+    unless quiet.
+
+    Each pattern is a line Ray prints once per process: once every pattern has been routed, descriptor 2 is the
+    console again at once, and later calls do nothing. So the detour lasts from an actor pool's start to its
+    first actor, and a crash after that cannot leave its last words in the pipe. Descriptor 2 goes through a pipe
+    read by a thread; a C++ log line is one write under the pipe's atomic size, so it arrives whole in one read."""
+    patterns = tuple(p for p in patterns if p not in _Native.routed)
+    if not _Route.on or _Route.log_file is None or not patterns:
+        yield
+        return
+    # From the native line's own prefix ("[2026-12-07 15:37:50,627 E 8659 8659] ", after Ray's "(Worker pid=12) "
+    # when a worker's line is forwarded): a progress bar written before it, with no newline, stays on the console.
+    noise_line = re.compile(
+        rb"(?:\([^()\n]*pid=\d+[^()\n]*\) )?\[\d{4}-\d\d-\d\d [\d:,.]+ [A-Z] \d+ \d+\] [^\n]*(?:"
+        + b"|".join(re.escape(p) for p in patterns)
+        + rb")[^\n]*\n?"
+    )
+    try:
+        sys.stderr.flush()
+        console = os.dup(2)
+        read_end, write_end = os.pipe()
+    except OSError:  # no descriptors left, or no stderr: the command runs without the detour
+        yield
+        return
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward():  # never stops reading before the pipe's end: a full pipe would block every write to stderr
+        while chunk := os.read(read_end, 1 << 16):
+            try:
+                hits = noise_line.findall(chunk)
+                for hit in hits:
+                    # a warning: the log file only (our console handler takes errors, which would come back here)
+                    logging.getLogger("ray.native").warning(hit.decode(errors="replace").strip())
+                    _Native.routed.update(p for p in patterns if p in hit)
+                if hits and _Native.routed.issuperset(patterns):
+                    os.dup2(console, 2)  # the console again; what is still in the pipe follows below
+                passing = memoryview(noise_line.sub(b"", chunk))
+            except Exception:  # whatever failed, the bytes still reach the console
+                passing = memoryview(chunk)
+            try:
+                while passing:
+                    passing = passing[os.write(console, passing) :]
+            except OSError:  # the console went away: what is left is dropped, as it would have been
+                pass
+        os.close(read_end)
+
+    thread = threading.Thread(target=forward, name="native-stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(console, 2)  # closes the pipe's last write end here (if the thread has not): it drains and ends
+        thread.join(timeout=2)
+        if not thread.is_alive():  # else a child inherited the pipe and keeps it open: the thread still needs it
+            os.close(console)

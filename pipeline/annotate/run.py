@@ -21,10 +21,11 @@ from pipeline.annotate.clip_scorer import ClipScorer
 from pipeline.annotate.signals import ShardAnnotator
 from pipeline.errors import StageError
 from pipeline.options import COUNT, RAY, STAGE_FLAGS, Option, check_options
-from pipeline.ray_setup import actor_count, init_ray, quiet_ray_data
+from pipeline.ray_setup import NATIVE_NOISE, actor_count, init_ray, quiet_ray_data
 from pipeline.stage import Finished, Run, Stage, drive, note_attempt
 from pipeline.storage import MANIFEST, Location, config_fingerprint, file_sha256
 from pipeline.thumbnails import THUMBNAIL_BYTES
+from training.quiet import native_lines_to_log
 
 RUN_ONLY = {
     "input",
@@ -178,16 +179,17 @@ def _stream(cfg: dict, todo: list[str], out: Location, bar, attempts: str):
     dataset = dataset.drop_columns(["image"])
     pending: dict[str, list[dict]] = {}
     seen: dict[str, int] = {}
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        bar.update(len(batch["key"]))
-        shard_of_row = batch["shard"].astype(str)
-        for shard in np.unique(shard_of_row):  # a batch may hold rows of several shards
-            rows = shard_of_row == shard
-            pending.setdefault(shard, []).append({k: v[rows] for k, v in batch.items()})
-            seen[shard] = seen.get(shard, 0) + int(rows.sum())
-            if seen[shard] == int(batch["shard_samples"][rows][0]):
-                sha = out.write_parquet(meta_name(shard), to_table(pending.pop(shard)))
-                yield str(shard), {"shard": str(shard), "samples": seen[shard], "sha256": sha}
+    with native_lines_to_log(*NATIVE_NOISE):  # Ray's C++ notice about actor pools: to the log
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            bar.update(len(batch["key"]))
+            shard_of_row = batch["shard"].astype(str)
+            for shard in np.unique(shard_of_row):  # a batch may hold rows of several shards
+                rows = shard_of_row == shard
+                pending.setdefault(shard, []).append({k: v[rows] for k, v in batch.items()})
+                seen[shard] = seen.get(shard, 0) + int(rows.sum())
+                if seen[shard] == int(batch["shard_samples"][rows][0]):
+                    sha = out.write_parquet(meta_name(shard), to_table(pending.pop(shard)))
+                    yield str(shard), {"shard": str(shard), "samples": seen[shard], "sha256": sha}
     for shard in todo:  # shards with no samples (every URL failed) never reach the loop above
         if shard not in seen:
             sha = out.write_parquet(meta_name(shard), empty_table(_clip_dim(cfg["clip"])))
