@@ -45,7 +45,7 @@ def quiet_ray_data() -> None:
 # Ray Data passes every actor pool its map function through the object store while keeping actor restarts on
 # (our stages rely on them: pipeline/stage.py), and Ray warns of that combination at the pool's first actor
 # (ray-project/ray#53727). It goes to the log file instead (training.quiet.native_lines_to_log).
-NATIVE_NOISE = (rb"has constructor arguments in the object store and max_restarts > 0",)
+NATIVE_NOISE = (b"has constructor arguments in the object store and max_restarts > 0",)  # literal bytes
 
 # Ray Data's modules that log a worker's exception (and its traceback) before raising it on the driver.
 REPORTS_OF_FAILED_MAPS = ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state")

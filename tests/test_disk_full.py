@@ -128,8 +128,8 @@ def run(command: list[str], env: dict) -> subprocess.CompletedProcess:
 
 
 def assert_stopped_in_one_line(result: subprocess.CompletedProcess, out: Path) -> str:
-    """Exit status 2 and nothing on stderr but the one line naming a file under `out` (Ray's C++ core printing
-    of its actor pool goes to the log: training.quiet.native_lines_to_log); returns that line."""
+    """Exit status 2 and nothing on stderr but the one line naming a file under `out` (Ray's C++ notice about its
+    actor pool included: it goes to the log, training.quiet.native_lines_to_log); returns that line."""
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr[-3000:]
     assert len(lines) == 1 and re.fullmatch(ERROR.format(out=re.escape(str(out))), lines[0]), result.stderr[-3000:]
