@@ -18,12 +18,12 @@ from training.train import train
 
 # Shapes drawn large enough to tell apart at the tiny model's 32 px.
 SIZES = {"small": 0.22, "medium": 0.28, "large": 0.34}
-STEPS = 300
+STEPS = 200
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """clip_tiny trained on 3000 world pairs for 300 steps, zero-shot evaluated on colour and shape every 100
+    """clip_tiny trained on 3000 world pairs for 200 steps, zero-shot evaluated on colour and shape every 100
     steps by the callback the config attaches."""
     root = tmp_path_factory.mktemp("world_clip")
     shards = write_world_shards(root / "shards", 3000, 250, image_size=48, sizes=SIZES)
@@ -76,13 +76,13 @@ def test_world_clip_beats_chance_and_the_callback_agrees_with_the_command(traine
         assert json.load(open(f"{tmp_path}/{attribute}.json")) == json.loads(json.dumps(results[attribute]))
     colour = results["colour"]["metrics"]
     print("world zero-shot:", {a: r["metrics"] for a, r in results.items()})
-    assert colour["acc1"] >= 0.6  # 6 classes: chance is 0.17 (measured 0.84)
+    assert colour["acc1"] >= 0.6  # 6 classes: chance is 0.17 (measured 0.95 at 200 steps)
     assert results["shape"]["samples"] == 300  # shape is printed, not asserted: see the issue note
-    # The training run holds the callback's numbers at steps 100, 200 and 300, and the last equal the command's.
+    # The training run holds the callback's numbers at steps 100 and 200, and the last equal the command's.
     client = mlflow.MlflowClient(trained["uri"])
     (run,) = client.search_runs([client.get_experiment_by_name("pixelmill-clip").experiment_id])
     history = client.get_metric_history(run.info.run_id, "zeroshot/colour/acc1")
-    assert sorted(m.step for m in history) == [100, 200, STEPS]
+    assert sorted(m.step for m in history) == [100, STEPS]
     last = max(history, key=lambda m: m.step).value
     assert last == pytest.approx(colour["acc1"], abs=1e-6)
 
