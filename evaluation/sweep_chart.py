@@ -77,7 +77,8 @@ class SweepChart(Callback):
         values = [_number(v) for v in table[key]]
         numeric = all(not isinstance(v, str) for v in values)
         for name in names:
-            axes.plot(values if numeric else range(len(values)), table[name], marker="o", label=name)
+            points = [float("nan") if v is None else v for v in table[name]]  # a job without a model: a gap
+            axes.plot(values if numeric else range(len(values)), points, marker="o", label=name)
         if not numeric:
             axes.set_xticks(range(len(values)), table[key])
         axes.set_xlabel(key)

@@ -7,6 +7,8 @@ choice and a hash of its rules, and its own MLflow run (a child of the sweep's r
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
@@ -88,18 +90,29 @@ def train_and_evaluate(experiment: dict, shards: str, output: str) -> dict[str, 
     from hydra import compose
     from hydra.utils import instantiate
 
+    from training.errors import user_error
+
     train, evaluate = instantiate(experiment["train"]), instantiate(experiment["evaluate"])
-    train(
-        compose(
-            "train",
-            overrides=[
-                f"+experiment={experiment['experiment']}",
-                f"data.path={shards}",
-                f"output={output}",
-                *experiment.get("overrides", []),
-            ],
+    try:
+        train(
+            compose(
+                "train",
+                overrides=[
+                    f"+experiment={experiment['experiment']}",
+                    f"data.path={shards}",
+                    f"output={output}",
+                    *experiment.get("overrides", []),
+                ],
+            )
         )
-    )
+    except Exception as err:
+        # A value the training refuses (a strict threshold that leaves less than a batch) gets no model and no
+        # metrics, and the sweep goes on to its other values: its chart shows the gap.
+        refusal = user_error(err)
+        if refusal is None:
+            raise
+        print(f"warning: no model for {shards}: {refusal}", file=sys.stderr)
+        return {}
     return {
         f"zeroshot.{name}.acc1": evaluate(
             compose(

@@ -223,11 +223,11 @@ def free_port() -> int:
 def assert_refused_in_one_line(call, needle: str) -> None:
     """`call()` (a stage function in this process) refuses with the one-line UserError that its command prints as
     `error: <refusal>` before exiting 2 (training.errors.run_command finds it the same way), naming `needle`."""
-    from training.errors import _user_error
+    from training.errors import user_error
 
     with pytest.raises(Exception) as raised:
         call()
-    refusal = _user_error(raised.value)
+    refusal = user_error(raised.value)
     assert refusal is not None, raised.value
     assert needle in str(refusal) and "\n" not in str(refusal), str(refusal)
 

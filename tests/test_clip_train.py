@@ -190,6 +190,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, pairs64):
         lambda: train(stage_config("train", *other_args, f"output={tmp_path}/bad", "tracking=false", *SAME_DATA)),
         other_needle,
     )
+    # Fewer samples than one batch (a sweep's strictest threshold): refused, not trained for 0 steps and exported.
+    small = [f"data.path={pairs64}", "data.batch_size=100", f"output={tmp_path}/small", "tracking=false", *SAME_DATA]
+    assert_refused_in_one_line(
+        lambda: train(stage_config("train", *small)), "64 training samples make no batch of data.batch_size=100"
+    )
+    assert not os.path.exists(f"{tmp_path}/small/clip/config.json")
 
 
 def test_siglip_bf16_checkpointing_and_accumulation_run(pairs64, tmp_path):

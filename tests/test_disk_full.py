@@ -324,7 +324,7 @@ def torch_load(path: Path):
 def test_a_wrapper_quoting_a_full_disk_yields_the_named_error_it_carries(tmp_path):
     """Ray can hand over a worker's failure as an error whose text quotes the whole traceback, full disk
     included: the DiskFullError further down the chain, naming the file and its size, is the message."""
-    from training.errors import DiskFullError, _user_error
+    from training.errors import DiskFullError, user_error
 
     named = DiskFullError(str(tmp_path / "00000.tar"), needed=120_000, free=4_096)
 
@@ -337,6 +337,6 @@ def test_a_wrapper_quoting_a_full_disk_yields_the_named_error_it_carries(tmp_pat
         except DiskFullError as err:
             raise Wrapper("Traceback ...\nOSError: [Errno 28] No space left on device") from err
     except Wrapper as wrapped:
-        assert _user_error(wrapped, {"output": str(tmp_path)}) is named
+        assert user_error(wrapped, {"output": str(tmp_path)}) is named
     bare = OSError(28, "No space left on device")  # nobody named it: the output is the best guess
-    assert f"writing {tmp_path} (" in str(_user_error(bare, {"output": str(tmp_path)}))
+    assert f"writing {tmp_path} (" in str(user_error(bare, {"output": str(tmp_path)}))

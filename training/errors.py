@@ -86,14 +86,14 @@ def run_command(command, cfg):
             require_tracking(tracking_uri())
         return command(cfg)
     except Exception as err:
-        cause = _user_error(err, cfg)
+        cause = user_error(err, cfg)
         if cause is None:
             raise
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
 
 
-def _user_error(err: BaseException | None, cfg=None) -> UserError | None:
+def user_error(err: BaseException | None, cfg=None) -> UserError | None:
     """The UserError behind `err`, also when Hydra's instantiate wrapped it (it re-raises with a cause) or Ray
     carried it from a worker (`RayTaskError(X)` is an X, with the worker's own exception as its `cause`). A
     full disk that no writer of ours named becomes a DiskFullError for the file it names, else the output.

@@ -29,6 +29,7 @@ from training.clip.model import CLIP_MEAN, CLIP_STD
 from training.data.shards import ShardList, SlotPlan, list_shards, next_worker, plan_epoch
 from training.data.sources import shard_samples
 from training.data.transforms import EvalTransform, TrainTransform
+from training.errors import UserError
 
 log = logging.getLogger(__name__)
 # Members that `pipeline.encode` writes: the VAE posterior's mean and log-variance, the text encoder's states.
@@ -297,6 +298,7 @@ class ShardDataModule(pl.LightningDataModule):
         if not train:
             return self._unaugmented(self.validation_shards, rank, world, max(1, self.num_workers))
         self._require_attached()
+        self._require_a_batch(world)
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         resuming = bool(self._resume) and self._resume["epoch"] == epoch
         skip = self._resume["batches"] if resuming else 0
@@ -315,6 +317,18 @@ class ShardDataModule(pl.LightningDataModule):
             caption_negatives=self.caption_negatives,
             **self._common(rank, world, max(1, self.num_workers)),
         )
+
+    def _require_a_batch(self, world: int) -> None:
+        """An epoch of whole batches must hold one: otherwise the trainer ends at step 0 and exports an untrained
+        model as if it had trained (a threshold sweep's strictest value can leave a handful of samples)."""
+        samples, source = self.train_shards.samples, f"data.path={self.path}"
+        if self.epoch_samples and (self.resampled or int(self.epoch_samples) < samples):
+            samples, source = int(self.epoch_samples), f"data.epoch_samples={self.epoch_samples}"
+        if samples < self.batch_size * world:
+            raise UserError(
+                f"{source}: {samples} training samples make no batch of data.batch_size={self.batch_size}"
+                f" × {world} process(es); lower data.batch_size or add data"
+            )
 
     def _train_transform(self):
         if self.train_transform is not None:
