@@ -298,12 +298,11 @@ class ShardDataModule(pl.LightningDataModule):
         if not train:
             return self._unaugmented(self.validation_shards, rank, world, max(1, self.num_workers))
         self._require_attached()
-        self._require_a_batch(world)
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         resuming = bool(self._resume) and self._resume["epoch"] == epoch
         skip = self._resume["batches"] if resuming else 0
         corrupt = self._resume.get("corrupt") if resuming else None
-        return ShardStream(
+        stream = ShardStream(
             self.train_shards,
             transform=self._train_transform(),
             batch_size=self.batch_size,
@@ -317,18 +316,20 @@ class ShardDataModule(pl.LightningDataModule):
             caption_negatives=self.caption_negatives,
             **self._common(rank, world, max(1, self.num_workers)),
         )
+        if len(stream) == 0:  # else the trainer ends at step 0 and exports an untrained model as if it had trained
+            raise self._no_batch(world)
+        return stream
 
-    def _require_a_batch(self, world: int) -> None:
-        """An epoch of whole batches must hold one: otherwise the trainer ends at step 0 and exports an untrained
-        model as if it had trained (a threshold sweep's strictest value can leave a handful of samples)."""
+    def _no_batch(self, world: int) -> UserError:
+        """The refusal when an epoch's plan holds no whole batch (a threshold sweep's strictest value can leave a
+        handful of samples), naming what limits the epoch: the shards, or `data.epoch_samples`."""
         samples, source = self.train_shards.samples, f"data.path={self.path}"
         if self.epoch_samples and (self.resampled or int(self.epoch_samples) < samples):
             samples, source = int(self.epoch_samples), f"data.epoch_samples={self.epoch_samples}"
-        if samples < self.batch_size * world:
-            raise UserError(
-                f"{source}: {samples} training samples make no batch of data.batch_size={self.batch_size}"
-                f" × {world} process(es); lower data.batch_size or add data"
-            )
+        return UserError(
+            f"{source}: {samples} training samples make no batch of data.batch_size={self.batch_size}"
+            f" × {world} process(es); lower data.batch_size or add data"
+        )
 
     def _train_transform(self):
         if self.train_transform is not None:
