@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -15,16 +16,67 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()  # joins the cluster; its token comes from RAY_AUTH_TOKEN or ~/.ray/auth_token
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=True, logging_level="WARNING")
+    _route_system_noise()
+
+
+# What Ray's own processes (GCS, raylet) forward to the driver's console that users cannot act on. When a stage's
+# actor pool ends, Ray kills actors that have already exited and the GCS logs the failed kill as an error
+# ("Failed to kill actor …: KillActor RPC failed"); in a sweep it lands between jobs, reading like a crash.
+# Such lines go to pixelmill.log (logger "ray"); every other forwarded line, the GCS's and raylet's real errors
+# (an out-of-memory kill, a dead node) included, still reaches the console.
+SYSTEM_NOISE = {"gcs_server": ("Failed to kill actor",)}
+
+
+def drop_system_noise(batch: dict) -> dict | None:
+    """A batch of forwarded log lines (Ray's dict: pid, lines, is_err, …) without SYSTEM_NOISE's lines, which
+    are logged instead; None when nothing is left to print."""
+    noise = SYSTEM_NOISE.get(str(batch.get("pid")))
+    if not noise:
+        return batch
+    kept = []
+    for line in batch.get("lines", []):
+        if any(pattern in line for pattern in noise):
+            logging.getLogger("ray").warning("(%s) %s", batch["pid"], line)
+        else:
+            kept.append(line)
+    return {**batch, "lines": kept} if kept else None
+
+
+def _route_system_noise() -> None:
+    """Wrap the driver's printer of forwarded lines (`ray_print_logs`, a handler of Ray's private dispatcher)
+    with `drop_system_noise` while pixelmill routes library output to its log (not `verbose`). Ray versions
+    without that handler print as before."""
+    from training.quiet import is_quiet
+
+    if not is_quiet():
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=True, logging_level="WARNING")
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        with dispatcher._lock:
+            dispatcher.handlers = [
+                (name, _without_noise(handler) if name == "ray_print_logs" else handler)
+                for name, handler in dispatcher.handlers
+            ]
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return
+
+
+def _without_noise(print_batch):
+    def printer(batch):
+        batch = drop_system_noise(batch)
+        if batch is not None:
+            print_batch(batch)
+
+    return printer
 
 
 def quiet_ray_data() -> None:
     """Stages show their own bar in units users count (URLs, samples) and their own summary; Ray Data's
     per-operator bars and INFO lines add noise. Its warnings and errors still show, but for a user error's
     traceback."""
-    import logging
-
     from ray.data import DataContext
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -1,5 +1,6 @@
 """What a user reads: native lines written straight to file descriptor 2 (Ray's C++ core worker) go to the log
-file when they are known noise, and everything else on descriptor 2 passes through unchanged."""
+file when they are known noise, and everything else on descriptor 2 passes through unchanged; so do the lines
+Ray's own processes forward to the driver."""
 
 from __future__ import annotations
 
@@ -63,3 +64,47 @@ def test_an_unwritable_log_loses_the_line_not_the_console(routing, tmp_path, cap
     with native_lines_to_log(NOISE):
         os.write(2, RAY_LINE + b"still here\n")
     assert capfd.readouterr().err == "still here\n"
+
+
+GCS_NOISE = (
+    "[2026-12-07 21:35:01,848 E 11715 11715] (gcs_server) gcs_actor_scheduler.cc:538: Failed to kill actor "
+    "a0e333c7, return status: Invalid: KillActor RPC failed for actor a0e333c7"
+)
+FORWARDED = f"""
+import sys
+from omegaconf import OmegaConf
+from training.quiet import quiet
+from pipeline.ray_setup import init_ray
+from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+quiet(OmegaConf.create({{"output": sys.argv[1]}}))
+init_ray(1)
+base = {{"ip": "127.0.0.1", "localhost": "127.0.0.1", "job": "", "is_err": True, "actor_name": "", "task_name": ""}}
+dispatcher.emit({{**base, "pid": "gcs_server", "lines": [{GCS_NOISE!r}, "gcs: something real went wrong"]}})
+dispatcher.emit({{**base, "pid": "gcs_server", "lines": [{GCS_NOISE!r}]}})
+dispatcher.emit({{**base, "pid": 4242, "lines": ["a worker's own line"]}})
+"""
+
+
+def test_ray_system_noise_goes_to_the_log_and_real_errors_to_the_console(tmp_path):
+    """A local Ray started by a stage (`init_ray`) forwards its GCS's lines to the driver's console; its
+    failed kills of actors that had already exited go to pixelmill.log, its other lines and the workers'
+    still print (through Ray's own printer)."""
+    import subprocess
+    import sys
+
+    from support import subprocess_env
+
+    done = subprocess.run(
+        [sys.executable, "-c", FORWARDED, str(tmp_path / "run")],
+        env=subprocess_env(f"sqlite:///{tmp_path}/mlflow.db"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-2000:]
+    assert "gcs: something real went wrong" in console and "a worker's own line" in console
+    assert "Failed to kill actor" not in console
+    log = (tmp_path / "run" / "pixelmill.log").read_text()
+    assert log.count("Failed to kill actor") == 2 and "something real" not in log
