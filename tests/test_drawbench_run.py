@@ -178,7 +178,7 @@ def test_html_report_renders_in_headless_chromium(official_run, tmp_path):
     assert ink > 0.03 and colour > 0.005
 
 
-def test_world_suite_scores_with_the_checkers(tiny_pipeline, tmp_path):
+def test_world_suite_scores_with_the_checkers(tiny_pipeline, tmp_path, capfd):
     record = evaluate(
         eval_config(
             *drawbench_args(
@@ -188,9 +188,13 @@ def test_world_suite_scores_with_the_checkers(tiny_pipeline, tmp_path):
                 "world_suite.per_category=3",
                 "generation.n=2",
                 "tracking=false",
+                "progress=false",
             )
         )
     )
+    console = capfd.readouterr()
+    assert "batch/s" not in console.err + console.out  # progress=false: no bar while drawing or scoring
+    assert "drawbench · world" in console.out  # the summary still prints
     assert list(record["categories"]) == [*WORLD_CATEGORIES, "all"]
     assert record["samples"] == 5 * 3 * 2
     assert all("correct" in e and "clip_score" in e for e in record["categories"].values())

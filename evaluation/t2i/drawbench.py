@@ -52,7 +52,13 @@ def image_file(text: str, seed: int) -> str:
 
 
 def generate_images(
-    model: str, prompts: list[Prompt], folder: str, generation: dict, batch_size: int, device: str | None
+    model: str,
+    prompts: list[Prompt],
+    folder: str,
+    generation: dict,
+    batch_size: int,
+    device: str | None,
+    progress: bool = True,
 ) -> int:
     """Draw the images of `folder` that are missing; returns how many were drawn. Each image has its own
     generator, so an image is the same whatever batch it falls in."""
@@ -70,7 +76,8 @@ def generate_images(
             f"{truncated} of {len(texts)} prompts are longer than the text encoder's {limit} tokens: "
             f"the model sees them truncated"
         )
-    for start in tqdm(range(0, len(missing), batch_size), desc=f"generate {os.path.basename(folder)}", unit="batch"):
+    batches = range(0, len(missing), batch_size)
+    for start in tqdm(batches, desc=f"generate {os.path.basename(folder)}", unit="batch", disable=not progress):
         chunk = missing[start : start + batch_size]
         images = draw(
             pipeline,
@@ -98,6 +105,7 @@ def score_images(
     encoder: ClipEncoder,
     finder: ObjectFinder | None,
     batch_size: int,
+    progress: bool = True,
 ) -> list[dict]:
     """One row per (prompt, seed): the image's path, its CLIPScore and, with truth, the checks."""
     rows = [
@@ -106,7 +114,8 @@ def score_images(
         for s in seeds
     ]
     truths = [p.truth for p in prompts for _ in seeds]
-    for start in tqdm(range(0, len(rows), batch_size), desc=f"score {os.path.basename(folder)}", unit="batch"):
+    batches = range(0, len(rows), batch_size)
+    for start in tqdm(batches, desc=f"score {os.path.basename(folder)}", unit="batch", disable=not progress):
         chunk = rows[start : start + batch_size]
         images = [Image.open(r["image"]).convert("RGB") for r in chunk]
         for row, value in zip(chunk, clip_scores(encoder, images, [r["prompt"] for r in chunk], batch_size)):
@@ -117,12 +126,12 @@ def score_images(
     return rows
 
 
-def judge_empty_prompt(model, prompts, seeds, rows, folder, generation, batch_size, device, finder) -> None:
+def judge_empty_prompt(model, prompts, seeds, rows, folder, generation, batch_size, device, finder, progress=True):
     """`empty_prompt_correct` on each row: the model's image for the empty prompt with the row's seed, judged
     against the row's truth. What the model draws from the noise alone passes some checks by chance (a
     centred blob is "in the centre"); a model that follows its prompts must score clearly above this.
     `gain_over_empty`: the row's own result minus that, whose interval (`summarise`) says how clearly."""
-    generate_images(model, [Prompt("", "empty prompt")], folder, generation, batch_size, device)
+    generate_images(model, [Prompt("", "empty prompt")], folder, generation, batch_size, device, progress)
     verdicts = {}
     for row, truth in zip(rows, [p.truth for p in prompts for _ in seeds]):
         if truth is None:
@@ -232,8 +241,9 @@ def evaluate_drawbench(cfg: DictConfig) -> dict:
     folders = {"model": image_folder(output, model, generation)}
     if baseline:
         folders["baseline"] = image_folder(output, baseline, generation)
+    progress = bool(cfg.get("progress", True))
     drawn = {
-        role: generate_images(path, prompts, folders[role], generation, batch_size, device)
+        role: generate_images(path, prompts, folders[role], generation, batch_size, device, progress)
         for role, path in (("model", model), ("baseline", baseline))
         if path
     }
@@ -241,12 +251,16 @@ def evaluate_drawbench(cfg: DictConfig) -> dict:
     encoder = ClipEncoder.from_bundle(load_clip(judge_path), device)
     has_truth = any(p.truth for p in prompts)
     finder = ObjectFinder(world_vocabulary(cfg.world_suite.world)["colours"], **cfg.checker) if has_truth else None
-    rows = score_images(prompts, seeds, folders["model"], encoder, finder, int(cfg.batch_size))
+    rows = score_images(prompts, seeds, folders["model"], encoder, finder, int(cfg.batch_size), progress)
     baseline_rows = (
-        score_images(prompts, seeds, folders["baseline"], encoder, finder, int(cfg.batch_size)) if baseline else None
+        score_images(prompts, seeds, folders["baseline"], encoder, finder, int(cfg.batch_size), progress)
+        if baseline
+        else None
     )
     if cfg.get("empty_prompt_reference") and finder is not None:
-        judge_empty_prompt(model, prompts, seeds, rows, folders["model"], generation, batch_size, device, finder)
+        judge_empty_prompt(
+            model, prompts, seeds, rows, folders["model"], generation, batch_size, device, finder, progress
+        )
     summary = summarise(rows, baseline_rows, int(cfg.report.bootstrap), float(cfg.report.confidence))
     record = {
         "dataset": suite,

@@ -71,7 +71,8 @@ def generate(cfg: DictConfig) -> list[str]:
     jobs = [(p, i) for p in range(len(prompts)) for i in range(int(cfg.n))]
     os.makedirs(cfg.output, exist_ok=True)
     paths, images = [], []
-    for start in tqdm(range(0, len(jobs), int(cfg.batch_size)), desc="generate", unit="batch"):
+    batches = range(0, len(jobs), int(cfg.batch_size))
+    for start in tqdm(batches, desc="generate", unit="batch", disable=not cfg.get("progress", True)):
         chunk = jobs[start : start + int(cfg.batch_size)]
         drawn = draw(
             pipeline,
