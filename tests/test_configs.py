@@ -6,6 +6,8 @@ functions they pass."""
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from support import CONF, stage_config
+from support import CONF, stage_config, subprocess_env
+from training.errors import missing_keys
 
 # What each primary config needs given before it composes.
 PRIMARIES = {
@@ -74,6 +77,32 @@ def test_every_group_and_primary_is_covered():
 def test_primary_config_composes_and_resolves(name):
     cfg = stage_config(name, *PRIMARIES[name])
     OmegaConf.to_container(cfg, resolve=True)
+    # what run_command refuses as not given: nothing once the documented values are
+    assert list(missing_keys(cfg)) == (["clip", "dataset"] if name == "evaluate" else [])
+
+
+def test_a_required_value_left_out_is_one_line_and_exit_2(tmp_path):
+    """`output` forgotten: the command names it and stops, where crawl, annotate and filter took `???` for a
+    folder name and wrote there, and pipeline.run (whose stage folders interpolate it) died in a traceback."""
+    for command, given, missing in [
+        ("pipeline.filter", ["input=meta"], "output"),
+        ("pipeline.run", ["input=urls.parquet"], "output"),
+        ("training.train", ["task=ldm", "data.path=shards", "output=run"], "vae, clip"),
+    ]:
+        done = subprocess.run(
+            [sys.executable, "-m", command, *given],
+            cwd=tmp_path,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines() == [
+            f"error: {missing}: required, not given; add "
+            f"{' '.join(k + '=…' for k in missing.split(', '))} to the command"
+        ]
+    assert not list(tmp_path.rglob("???"))
 
 
 @pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))

@@ -79,6 +79,7 @@ def run_command(command, cfg):
     (`tracking=true`) first checks that the MLflow server answers, before any work."""
     quiet(cfg)
     try:
+        require_given(cfg)
         if cfg.get("tracking") is True:
             from training.tracking import tracking_uri
             from training.tracking.probe import require_tracking
@@ -91,6 +92,34 @@ def run_command(command, cfg):
             raise
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def require_given(cfg) -> None:
+    """Every `???` of the composed config given: one missed on the command line would otherwise reach a stage
+    as the literal path `???` (a crawl, an annotate, a filter wrote a folder of that name) or end in OmegaConf's
+    traceback at its first use."""
+    from omegaconf import DictConfig
+
+    if not isinstance(cfg, DictConfig):
+        return
+    missing = list(missing_keys(cfg))
+    if missing:
+        example = " ".join(f"{key}=…" for key in missing)
+        raise UserError(f"{', '.join(missing)}: required, not given; add {example} to the command")
+
+
+def missing_keys(node, prefix: str = ""):
+    """The full keys of `node`'s `???` values, without resolving an interpolation (OmegaConf.missing_keys does,
+    and fails on `${output}/raw` while `output` is the missing one: that key itself is reported)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
+        if OmegaConf.is_missing(node, key):
+            yield f"{prefix}{key}"
+        elif not OmegaConf.is_interpolation(node, key):
+            child = node[key]
+            if isinstance(child, (DictConfig, ListConfig)):
+                yield from missing_keys(child, f"{prefix}{key}.")
 
 
 def user_error(err: BaseException | None, cfg=None) -> UserError | None:
