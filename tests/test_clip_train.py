@@ -196,6 +196,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, pairs64):
         lambda: train(stage_config("train", *small)), "64 training samples make no batch of data.batch_size=100"
     )
     assert not os.path.exists(f"{tmp_path}/small/clip/config.json")
+    # Settings out of range: ours named by us (was a ZeroDivisionError), Lightning's by its own message.
+    base = [f"data.path={pairs64}", f"output={tmp_path}/range", "tracking=false", *SAME_DATA]
+    assert_refused_in_one_line(lambda: train(stage_config("train", *base, "data.batch_size=0")), "data.batch_size=0")
+    assert_refused_in_one_line(
+        lambda: train(stage_config("train", *base, "trainer.max_steps=-5")), "trainer: `max_steps` must be"
+    )
 
 
 def test_siglip_bf16_checkpointing_and_accumulation_run(pairs64, tmp_path):

@@ -16,6 +16,7 @@ from training.quiet import quiet
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # Writers in C++ and Rust (torch's zip writer, safetensors) report the errno only in their message's text.
 DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "StorageFull", "os error 28")
+LIGHTNING = ("lightning_fabric", "pytorch_lightning", "lightning")
 
 
 class UserError(ValueError):
@@ -136,6 +137,11 @@ def user_error(err: BaseException | None, cfg=None) -> UserError | None:
         if is_disk_full(link) or any(text in str(link) for text in DISK_FULL_TEXTS):
             fallback = (cfg.get("output") if cfg is not None and hasattr(cfg, "get") else None) or os.getcwd()
             return disk_full(getattr(link, "filename", None) or fallback, link)
+    for link in chain:
+        # Lightning's own verdict on a setting (trainer.max_steps=-5, a strategy the machine lacks): its message
+        # names the setting; Hydra's instantiate would otherwise bury it in a traceback.
+        if type(link).__name__ == "MisconfigurationException" and type(link).__module__.startswith(LIGHTNING):
+            return UserError(f"trainer: {link}")
     return None
 
 
