@@ -255,8 +255,10 @@ class ShardDataModule(pl.LightningDataModule):
         super().__init__()
         self.path, self.val_path, self.val_shards = path, val_path, int(val_shards)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise UserError(f"data.batch_size={batch_size}, data.num_workers={num_workers}: expected ≥ 1 and ≥ 0")
+        if self.batch_size < 1:
+            raise UserError(f"data.batch_size={batch_size}: expected a whole number ≥ 1")
+        if self.num_workers < 0:
+            raise UserError(f"data.num_workers={num_workers}: expected a whole number ≥ 0")
         self.resampled, self.epoch_samples = bool(resampled), epoch_samples
         self.shuffle_buffer, self.shuffle_initial, self.seed = shuffle_buffer, shuffle_initial, int(seed)
         self.crop_scale, self.flip = tuple(crop_scale), bool(flip)
