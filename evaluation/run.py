@@ -14,6 +14,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from training.command_line import hydra_entry
 from training.errors import run_command
 
 
@@ -30,4 +31,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(main)

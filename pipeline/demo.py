@@ -28,6 +28,7 @@ from pipeline.eval_set.export import export_eval_set
 from pipeline.run import run_pipeline
 from pipeline.world.__main__ import write_and_serve
 from pipeline.world.truth import crawl_agreement, mismatch_scores
+from training.command_line import hydra_entry
 
 
 class Demo:
@@ -267,4 +268,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(main)

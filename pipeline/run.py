@@ -19,6 +19,7 @@ from pipeline.filter.report import log_filter
 from pipeline.filter.run import filter_samples
 from pipeline.shard.run import shard
 from pipeline.storage import Location, config_fingerprint
+from training.command_line import hydra_entry
 
 
 def _filter_choice() -> str:
@@ -137,4 +138,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(main)

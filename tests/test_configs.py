@@ -105,6 +105,56 @@ def test_a_required_value_left_out_is_one_line_and_exit_2(tmp_path):
     assert not list(tmp_path.rglob("???"))
 
 
+def test_command_line_mistakes_are_one_line_and_exit_2(tmp_path):
+    """What Hydra refuses (an option that does not exist, a key the config lacks, an override it cannot parse)
+    and what it composes but a library would refuse deep in a run (a word for a number or a boolean) are each
+    named in one line with exit 2; Hydra printed several lines and exited 1, and `lr=abc` ended in AdamW's
+    TypeError traceback. Nothing is written."""
+    cases = [
+        ("pipeline.filter", ["filter=nosuchrule"],
+         "filter=nosuchrule: no such option in conf/filter/ (there: basic, clip_score, datacomp_basic, semantic)"),
+        ("pipeline.filter", ["near_duplicat.max_distance=3"],
+         "near_duplicat.max_distance: no such key in the config (to add a new one: +near_duplicat.max_distance=3)"),
+        ("pipeline.filter", ["filter.near_duplicate.max_distance=[3"], "filter.near_duplicate.max_distance=[3: not an "
+         "override Hydra can read"),
+        ("pipeline.filter", ["filter.near_duplicate.max_distance=far"],
+         "filter.near_duplicate.max_distance=far: expected a whole number (the config's value: 20)"),
+        ("pipeline.filter", ["tracking=yes"], "tracking=yes: expected true or false"),
+        ("training.train", ["+experiment=demo_clip", "module.optimizer.lr=abc"],
+         "module.optimizer.lr=abc: expected a number (the config's value: 0.002)"),
+    ]  # fmt: skip
+    for command, given, message in cases:
+        primary = "filtering" if command == "pipeline.filter" else "train"
+        done = subprocess.run(
+            [sys.executable, "-m", command, *PRIMARIES[primary], *given],
+            cwd=tmp_path,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2, done.stderr[-2000:]
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), done.stderr[-2000:]
+    assert not (tmp_path / "selection").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_constructor_refusing_its_config_is_one_line():
+    """Hydra's InstantiationException (a `_target_` that refuses its arguments, or that does not exist) is a
+    user error naming the config key, the target and the innermost reason, not a traceback."""
+    from training.errors import user_error
+
+    cfg = stage_config("train", *PRIMARIES["train"], "task=vae", "model.norm_num_groups=5")
+    with pytest.raises(Exception) as refused:
+        instantiate(cfg.model)
+    assert str(user_error(refused.value)) == (
+        "model: training.diffusion.autoencoder.build_vae: num_channels (32) must be divisible by num_groups (5)"
+    )
+    with pytest.raises(Exception) as missing:
+        instantiate(OmegaConf.create({"optimizer": {"_target_": "torch.optim.Nope"}}).optimizer)
+    assert str(user_error(missing.value)) == "optimizer: torch.optim.Nope: No module named 'torch.optim.Nope'"
+
+
 @pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))
 def test_experiment_composes(experiment):
     primary = EXPERIMENTS[experiment]

@@ -81,6 +81,9 @@ def run_command(command, cfg):
     quiet(cfg)
     try:
         require_given(cfg)
+        from training.command_line import check_override_types
+
+        check_override_types(cfg)
         if cfg.get("tracking") is True:
             from training.tracking import tracking_uri
             from training.tracking.probe import require_tracking
@@ -142,6 +145,12 @@ def user_error(err: BaseException | None, cfg=None) -> UserError | None:
         # names the setting; Hydra's instantiate would otherwise bury it in a traceback.
         if type(link).__name__ == "MisconfigurationException" and type(link).__module__.startswith(LIGHTNING):
             return UserError(f"trainer: {link}")
+    for link in chain:
+        if type(link).__name__ == "InstantiationException" and type(link).__module__.startswith("hydra"):
+            from training.command_line import instantiation_verdict
+
+            verdict = instantiation_verdict(link)
+            return UserError(verdict) if verdict else None
     return None
 
 

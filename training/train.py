@@ -16,6 +16,7 @@ import time
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from training.command_line import hydra_entry
 from training.errors import run_command
 from training.tracking import data_lineage, experiment_name, flatten, sweep_parent_run
 
@@ -140,4 +141,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(main)

@@ -14,6 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 from evaluation.t2i.prompt_suites import read_prompt_csv
+from training.command_line import hydra_entry
 from training.errors import UserError, run_command
 
 
@@ -52,4 +53,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(main)

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from tqdm import tqdm
 
+from training.command_line import hydra_entry
 from training.errors import UserError, run_command
 
 
@@ -112,4 +113,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(main)

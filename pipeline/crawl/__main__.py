@@ -5,6 +5,7 @@ from omegaconf import DictConfig
 
 from pipeline.crawl.run import crawl
 from pipeline.errors import run_stage
+from training.command_line import hydra_entry
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="crawl")
@@ -13,4 +14,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(main)

@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from pipeline.world.server import WorldServer
 from pipeline.world.world import World
+from training.command_line import hydra_entry
 
 
 def write_and_serve(cfg: DictConfig) -> WorldServer:
@@ -37,4 +38,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(main)

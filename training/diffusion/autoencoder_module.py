@@ -59,6 +59,7 @@ class VaeTraining(TaskModule):
         perceptual_weight: float = 1.0,
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
+        min_lr_ratio: float = 1.0,
         grad_clip: float | None = 1.0,
         discriminator: dict | None = None,
         discriminator_start: int = 5000,
@@ -71,6 +72,7 @@ class VaeTraining(TaskModule):
         self.vae = model
         self.optimizer_factory, self.weight_decay = optimizer, float(weight_decay)
         self.kl_weight, self.warmup_steps, self.grad_clip = float(kl_weight), int(warmup_steps), grad_clip
+        self.min_lr_ratio = float(min_lr_ratio)
         self.perceptual, self.perceptual_weight = perceptual, float(perceptual_weight)
         self.discriminator = PatchDiscriminator(**discriminator) if discriminator else None
         self.discriminator_start, self.discriminator_weight = int(discriminator_start), float(discriminator_weight)
@@ -87,7 +89,7 @@ class VaeTraining(TaskModule):
         groups = decay_groups(self.vae, self.weight_decay)
         if self.discriminator is not None:
             groups.append({"params": list(self.discriminator.parameters()), "weight_decay": 0.0})
-        return self.warmup_then_cosine(self.optimizer_factory(groups), self.warmup_steps, min_lr_ratio=1.0)  # constant
+        return self.warmup_then_cosine(self.optimizer_factory(groups), self.warmup_steps, self.min_lr_ratio)
 
     def reconstruct(self, pixels: torch.Tensor, sample: bool = True):
         posterior = self.vae.encode(pixels).latent_dist
