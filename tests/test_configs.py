@@ -137,6 +137,18 @@ def test_command_line_mistakes_are_one_line_and_exit_2(tmp_path):
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), done.stderr[-2000:]
     assert not (tmp_path / "selection").exists() and not (tmp_path / "run").exists()
+    # A DDP rank or Ray worker inherits the HYDRA_FULL_ERROR that pixelmill set (with its marker): still one line.
+    # The user's own HYDRA_FULL_ERROR=1 brings Hydra's traceback back.
+    for marker, one_line in (({"PIXELMILL_SET_HYDRA_FULL_ERROR": "1"}, True), ({}, False)):
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.filter", *PRIMARIES["filtering"], "filter=nosuchrule"],
+            cwd=tmp_path,
+            env={**subprocess_env(), "HYDRA_FULL_ERROR": "1", **marker},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert (len(done.stderr.strip().splitlines()) == 1) is one_line, done.stderr[-2000:]
 
 
 def test_a_constructor_refusing_its_config_is_one_line():

@@ -17,8 +17,10 @@ import sys
 
 from training.errors import UserError
 
-# Read at import, before `hydra_entry` sets it for Hydra: the user's own wish for tracebacks.
-USER_WANTS_TRACEBACKS = os.environ.get("HYDRA_FULL_ERROR") == "1"
+# The user's own wish for tracebacks: HYDRA_FULL_ERROR=1 set by them, not by `hydra_entry` in a parent process
+# (a DDP rank or a Ray worker inherits the parent's environment, marker included).
+OURS = "PIXELMILL_SET_HYDRA_FULL_ERROR"
+USER_WANTS_TRACEBACKS = os.environ.get("HYDRA_FULL_ERROR") == "1" and OURS not in os.environ
 
 
 def hydra_entry(main) -> None:
@@ -28,7 +30,7 @@ def hydra_entry(main) -> None:
     if USER_WANTS_TRACEBACKS:
         main()
         return
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its verdict instead of printing it and exiting 1
+    os.environ.update({"HYDRA_FULL_ERROR": "1", OURS: "1"})  # Hydra raises its verdict instead of printing it
     try:
         main()
     except (ConfigCompositionException, OverrideParseException) as err:
