@@ -117,8 +117,10 @@ def test_command_line_mistakes_are_one_line_and_exit_2(tmp_path):
          "near_duplicat.max_distance: no such key in the config (to add a new one: +near_duplicat.max_distance=3)"),
         ("pipeline.filter", ["filter.near_duplicate.max_distance=[3"], "filter.near_duplicate.max_distance=[3: not an "
          "override Hydra can read"),
-        ("pipeline.filter", ["filter.near_duplicate.max_distance=far"],
-         "filter.near_duplicate.max_distance=far: expected a whole number (the config's value: 20)"),
+        ("pipeline.filter", ["filter.near_duplicate.max_distance=auto"],  # "auto" only where a library takes it
+         "filter.near_duplicate.max_distance=auto: expected a whole number (the config's value: 20)"),
+        ("pipeline.filter", ["filter.near_duplicate.max_distance='20'"],  # quoted: a string, and shown as one
+         "filter.near_duplicate.max_distance='20': expected a whole number"),
         ("pipeline.filter", ["tracking=yes"], "tracking=yes: expected true or false"),
         ("training.train", ["+experiment=demo_clip", "module.optimizer.lr=abc"],
          "module.optimizer.lr=abc: expected a number (the config's value: 0.002)"),
@@ -137,6 +139,16 @@ def test_command_line_mistakes_are_one_line_and_exit_2(tmp_path):
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), done.stderr[-2000:]
     assert not (tmp_path / "selection").exists() and not (tmp_path / "run").exists()
+    # "auto" stands for a number where Lightning takes one (trainer.devices): it passes, the missing data stops
+    done = subprocess.run(
+        [sys.executable, "-m", "training.train", *PRIMARIES["train"], "trainer.devices=auto"],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stderr.strip().startswith("error: shard shards does not exist"), done.stderr
     # A DDP rank or Ray worker inherits the HYDRA_FULL_ERROR that pixelmill set (with its marker): still one line.
     # The user's own HYDRA_FULL_ERROR=1 brings Hydra's traceback back.
     for marker, one_line in (({"PIXELMILL_SET_HYDRA_FULL_ERROR": "1"}, True), ({}, False)):
@@ -153,7 +165,8 @@ def test_command_line_mistakes_are_one_line_and_exit_2(tmp_path):
 
 def test_a_constructor_refusing_its_config_is_one_line():
     """Hydra's InstantiationException (a `_target_` that refuses its arguments, or that does not exist) is a
-    user error naming the config key, the target and the innermost reason, not a traceback."""
+    user error naming the config key, the target and the innermost reason, not a traceback; so is a `${…}` that
+    does not resolve."""
     from training.errors import user_error
 
     cfg = stage_config("train", *PRIMARIES["train"], "task=vae", "model.norm_num_groups=5")
@@ -162,6 +175,10 @@ def test_a_constructor_refusing_its_config_is_one_line():
     assert str(user_error(refused.value)) == (
         "model: training.diffusion.autoencoder.build_vae: num_channels (32) must be divisible by num_groups (5)"
     )
+    unresolved = OmegaConf.create({"trainer": {"max_steps": "${oc.env:PIXELMILL_TEST_NO_SUCH_VARIABLE}"}})
+    with pytest.raises(Exception) as interpolation:
+        unresolved.trainer.max_steps  # noqa: B018 (reading it resolves it)
+    assert "Environment variable 'PIXELMILL_TEST_NO_SUCH_VARIABLE' not found" in str(user_error(interpolation.value))
     with pytest.raises(Exception) as missing:
         instantiate(OmegaConf.create({"optimizer": {"_target_": "torch.optim.Nope"}}).optimizer)
     assert str(user_error(missing.value)) == "optimizer: torch.optim.Nope: No module named 'torch.optim.Nope'"

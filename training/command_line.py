@@ -23,6 +23,12 @@ OURS = "PIXELMILL_SET_HYDRA_FULL_ERROR"
 USER_WANTS_TRACEBACKS = os.environ.get("HYDRA_FULL_ERROR") == "1" and OURS not in os.environ
 
 
+# Settings whose number a word may stand for: Lightning's model-parallel sizes take "auto". `trainer.devices`
+# also takes device lists ("0,1") and Lightning checks it itself (its MisconfigurationException is one line too).
+ACCEPTED_WORDS = {"data_parallel_size": ("auto",), "tensor_parallel_size": ("auto",)}
+CHECKED_BY_THEIR_LIBRARY = ("trainer.devices",)
+
+
 def hydra_entry(main) -> None:
     """Run a `@hydra.main` function; Hydra's verdicts on the command line become one line and exit 2."""
     from hydra.errors import ConfigCompositionException, OverrideParseException
@@ -94,14 +100,20 @@ def override_type_errors(cfg):
 
     if not HydraConfig.initialized():
         return
-    given = list(HydraConfig.get().overrides.task)
+    given = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)  # as typed, ${…} unresolved
     suspects = {}
     for text, override in zip(given, OverridesParser.create().parse_overrides(given)):
         if override.is_delete() or override.is_sweep_override():
             continue
-        value = override.value()
         key = override.key_or_group
-        if isinstance(value, str) and OmegaConf.select(cfg, key, default=None, throw_on_missing=False) == value:
+        try:
+            value = override.value()
+        except Exception as err:  # an interpolation that does not resolve (${oc.env:UNSET}): the user's to fix
+            raise UserError(f"{text}: {_one_line(str(err))}") from err
+        if key in CHECKED_BY_THEIR_LIBRARY or value in ACCEPTED_WORDS.get(key.rsplit(".", 1)[-1], ()):
+            continue
+        current = OmegaConf.select(cfg, key, default=None, throw_on_missing=False, throw_on_resolution_failure=False)
+        if isinstance(value, str) and current == value:
             suspects[text] = (key, value)
     if not suspects:
         return
@@ -109,12 +121,21 @@ def override_type_errors(cfg):
     if base is None:
         return
     for key, value in suspects.values():
-        default = OmegaConf.select(base, key, default=None, throw_on_missing=False)
+        default = OmegaConf.select(base, key, default=None, throw_on_missing=False, throw_on_resolution_failure=False)
+        shown = repr(value) if _is_number(value) else value  # a quoted number ('500') is a string: say so
         if isinstance(default, bool):
-            yield f"{key}={value}: expected true or false"
+            yield f"{key}={shown}: expected true or false"
         elif isinstance(default, (int, float)):
             kind = "a whole number" if isinstance(default, int) else "a number"
-            yield f"{key}={value}: expected {kind} (the config's value: {default})"
+            yield f"{key}={shown}: expected {kind} (the config's value: {default})"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _compose_without(config_name: str, overrides: list[str]):

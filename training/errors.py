@@ -146,6 +146,12 @@ def user_error(err: BaseException | None, cfg=None) -> UserError | None:
         if type(link).__name__ == "MisconfigurationException" and type(link).__module__.startswith(LIGHTNING):
             return UserError(f"trainer: {link}")
     for link in chain:
+        # A `${…}` that does not resolve (`${oc.env:UNSET}` on the command line, a key that is not there)
+        if type(link).__name__ in ("InterpolationResolutionError", "InterpolationKeyError"):
+            reason = str(link).splitlines()[0] if str(link) else type(link).__name__
+            where = getattr(link, "full_key", None)
+            return UserError(f"{where}: {reason}" if where else f"a ${{…}} in the config does not resolve: {reason}")
+    for link in chain:
         if type(link).__name__ == "InstantiationException" and type(link).__module__.startswith("hydra"):
             from training.command_line import instantiation_verdict
 
