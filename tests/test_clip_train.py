@@ -202,6 +202,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, pairs64):
     assert_refused_in_one_line(
         lambda: train(stage_config("train", *base, "trainer.max_steps=-5")), "trainer: `max_steps` must be"
     )
+    # The optimizer's own refusal, from inside Lightning's fit (was torch's ValueError traceback).
+    assert_refused_in_one_line(
+        lambda: train(stage_config("train", *base, "module.optimizer.lr=-1")),
+        "module.optimizer (AdamW): Invalid learning rate: -1",
+    )
 
 
 def test_siglip_bf16_checkpointing_and_accumulation_run(pairs64, tmp_path):

@@ -43,6 +43,18 @@ class TaskModule(pl.LightningModule):
             return self.device_mesh["data_parallel"]
         return None
 
+    def build_optimizer(self, factory, groups: list[dict]) -> torch.optim.Optimizer:
+        """`module.optimizer` (a partial) on the parameter groups. Its constructor's refusal (`lr=-1`: "Invalid
+        learning rate", an argument it does not take) is the user's setting to fix: one line, not a traceback
+        from inside Lightning's fit."""
+        from training.errors import UserError
+
+        try:
+            return factory(groups)
+        except (TypeError, ValueError) as err:
+            name = getattr(getattr(factory, "func", factory), "__name__", "optimizer")
+            raise UserError(f"module.optimizer ({name}): {err}") from err
+
     def warmup_then_cosine(self, optimizer, warmup_steps: int, min_lr_ratio: float) -> dict:
         """Lightning's optimizer config: linear warmup, then cosine down to `min_lr_ratio` × lr (1: constant)."""
         total = int(self.trainer.estimated_stepping_batches)
