@@ -81,6 +81,18 @@ def test_primary_config_composes_and_resolves(name):
     assert list(missing_keys(cfg)) == (["clip", "dataset"] if name == "evaluate" else [])
 
 
+def run_module(cwd, module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m module args…` as a user runs it, in `cwd`; its exit status and output."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env={**subprocess_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_a_required_value_left_out_is_one_line_and_exit_2(tmp_path):
     """`output` forgotten: the command names it and stops, where crawl, annotate and filter took `???` for a
     folder name and wrote there, and pipeline.run (whose stage folders interpolate it) died in a traceback."""
@@ -89,14 +101,7 @@ def test_a_required_value_left_out_is_one_line_and_exit_2(tmp_path):
         ("pipeline.run", ["input=urls.parquet"], "output"),
         ("training.train", ["task=ldm", "data.path=shards", "output=run"], "vae, clip"),
     ]:
-        done = subprocess.run(
-            [sys.executable, "-m", command, *given],
-            cwd=tmp_path,
-            env=subprocess_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        done = run_module(tmp_path, command, *given)
         assert done.returncode == 2, done.stderr[-2000:]
         assert done.stderr.strip().splitlines() == [
             f"error: {missing}: required, not given; add "
@@ -127,39 +132,19 @@ def test_command_line_mistakes_are_one_line_and_exit_2(tmp_path):
     ]  # fmt: skip
     for command, given, message in cases:
         primary = "filtering" if command == "pipeline.filter" else "train"
-        done = subprocess.run(
-            [sys.executable, "-m", command, *PRIMARIES[primary], *given],
-            cwd=tmp_path,
-            env=subprocess_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        done = run_module(tmp_path, command, *PRIMARIES[primary], *given)
         assert done.returncode == 2, done.stderr[-2000:]
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), done.stderr[-2000:]
     assert not (tmp_path / "selection").exists() and not (tmp_path / "run").exists()
     # "auto" stands for a number where Lightning takes one (trainer.devices): it passes, the missing data stops
-    done = subprocess.run(
-        [sys.executable, "-m", "training.train", *PRIMARIES["train"], "trainer.devices=auto"],
-        cwd=tmp_path,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_module(tmp_path, "training.train", *PRIMARIES["train"], "trainer.devices=auto")
     assert done.returncode == 2 and done.stderr.strip().startswith("error: shard shards does not exist"), done.stderr
     # A DDP rank or Ray worker inherits the HYDRA_FULL_ERROR that pixelmill set (with its marker): still one line.
     # The user's own HYDRA_FULL_ERROR=1 brings Hydra's traceback back.
     for marker, one_line in (({"PIXELMILL_SET_HYDRA_FULL_ERROR": "1"}, True), ({}, False)):
-        done = subprocess.run(
-            [sys.executable, "-m", "pipeline.filter", *PRIMARIES["filtering"], "filter=nosuchrule"],
-            cwd=tmp_path,
-            env={**subprocess_env(), "HYDRA_FULL_ERROR": "1", **marker},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        env = {"HYDRA_FULL_ERROR": "1", **marker}
+        done = run_module(tmp_path, "pipeline.filter", *PRIMARIES["filtering"], "filter=nosuchrule", env=env)
         assert (len(done.stderr.strip().splitlines()) == 1) is one_line, done.stderr[-2000:]
 
 

@@ -43,12 +43,13 @@ class TaskModule(pl.LightningModule):
             return self.device_mesh["data_parallel"]
         return None
 
-    def build_optimizer(self, factory, groups: list[dict]) -> torch.optim.Optimizer:
-        """`module.optimizer` (a partial) on the parameter groups. Its constructor's refusal (`lr=-1`: "Invalid
-        learning rate", an argument it does not take) is the user's setting to fix: one line, not a traceback
-        from inside Lightning's fit."""
+    def build_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        """`module.optimizer` (the partial each task keeps as `optimizer_factory`) on the parameter groups. Its
+        constructor's refusal (`lr=-1`: "Invalid learning rate", an argument it does not take) is the user's
+        setting to fix: one line, not a traceback from inside Lightning's fit."""
         from training.errors import UserError
 
+        factory = self.optimizer_factory
         try:
             return factory(groups)
         except (TypeError, ValueError) as err:

@@ -86,7 +86,7 @@ class ClipTraining(TaskModule):
         )
 
     def configure_optimizers(self):
-        optimizer = self.build_optimizer(self.optimizer_factory, decay_groups(self.net, self.weight_decay))
+        optimizer = self.build_optimizer(decay_groups(self.net, self.weight_decay))
         return self.warmup_then_cosine(optimizer, self.warmup_steps, self.min_lr_ratio)
 
     # --- steps ------------------------------------------------------------------------------------------

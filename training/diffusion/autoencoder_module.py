@@ -89,9 +89,7 @@ class VaeTraining(TaskModule):
         groups = decay_groups(self.vae, self.weight_decay)
         if self.discriminator is not None:
             groups.append({"params": list(self.discriminator.parameters()), "weight_decay": 0.0})
-        return self.warmup_then_cosine(
-            self.build_optimizer(self.optimizer_factory, groups), self.warmup_steps, self.min_lr_ratio
-        )
+        return self.warmup_then_cosine(self.build_optimizer(groups), self.warmup_steps, self.min_lr_ratio)
 
     def reconstruct(self, pixels: torch.Tensor, sample: bool = True):
         posterior = self.vae.encode(pixels).latent_dist

@@ -83,7 +83,7 @@ class LdmTraining(TaskModule):
         parallelize(self.ema, UNET_BLOCKS, mesh=mesh)  # the same shards as the weights it averages
 
     def configure_optimizers(self):
-        optimizer = self.build_optimizer(self.optimizer_factory, decay_groups(self.unet, self.weight_decay))
+        optimizer = self.build_optimizer(decay_groups(self.unet, self.weight_decay))
         return self.warmup_then_cosine(optimizer, self.warmup_steps, self.min_lr_ratio)
 
     # --- the objective ----------------------------------------------------------------------------------
